@@ -1,0 +1,24 @@
+# One-command entry points. `make test` and `make demo` set everything up on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install test demo benchmark clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	bash tools/install_deps.sh $(PY)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) tools/demo.py
+
+benchmark: install
+	$(PY) tools/benchmark.py
+
+clean:
+	rm -rf $(VENV) work_dirs data/demo

@@ -1,0 +1,1 @@
+"""orepa_mm: OREPA (Online Convolutional Re-parameterization) for OpenMMLab."""
