@@ -1,1 +1,15 @@
-"""orepa_mm: OREPA (Online Convolutional Re-parameterization) for OpenMMLab."""
+"""orepa_mm: OREPA (Online Convolutional Re-parameterization, CVPR 2022) for OpenMMLab.
+
+``import orepa_mm`` (or ``custom_imports=dict(imports=['orepa_mm'])`` in a config) registers
+the conv types (``conv_cfg=dict(type='OREPA')``, ``'OREPAVGGConv'``, ``'DBB'``) and the
+backbones (``OREPAResNet``, ``OREPAResNetV1c``, ``OREPAResNetV1d``, ``OREPAVGG``) into the
+registries of mmcv/mmengine, mmdet, mmseg and mmpretrain, and makes mmengine's checkpoint
+loader accept runner checkpoints under torch >= 2.6 without unpickling arbitrary objects.
+"""
+from .deploy import count_reparameterizable, reparameterize_model
+from .registry import register_all_modules
+
+__version__ = '0.1.0'
+__all__ = ['reparameterize_model', 'count_reparameterizable', 'register_all_modules']
+
+register_all_modules()

@@ -333,3 +333,20 @@ def build_orepa_conv(in_channels: int, out_channels: int, kernel_size, *args, **
     else:
         block = OREPAConv2d
     return block(in_channels, out_channels, kernel_size, *args, **kwargs)
+
+
+#: OREPA-VGG's dense branch: RepVGG keeps its own 1 x 1 and identity branches.
+OREPA_VGG_BRANCHES = ('origin', 'avg', 'prior', '1x1_kxk', 'dws')
+
+
+def build_orepa_vgg_conv(in_channels: int, out_channels: int, kernel_size, *args, **kwargs):
+    """``conv_cfg=dict(type='OREPAVGGConv')``: the conv type of a RepVGG block in OREPA-VGG.
+
+    k x k -> :class:`OREPAConv2d` with the five OREPA-VGG branches and the authors' OREPA-VGG
+    init (Kaiming a = 1); 1 x 1 (RepVGG's own 1x1 branch) -> a plain ``nn.Conv2d``.
+    """
+    if _pair_first(kernel_size) == 1:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, *args, **kwargs)
+    kwargs.setdefault('branches', OREPA_VGG_BRANCHES)
+    kwargs.setdefault('kaiming_a', 1.0)
+    return OREPAConv2d(in_channels, out_channels, kernel_size, *args, **kwargs)

@@ -1,0 +1,1 @@
+"""Models: OREPA backbones for mmdet, mmseg and mmpretrain."""
