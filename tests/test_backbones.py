@@ -269,3 +269,25 @@ def test_with_cp_norm_eval_and_syncbn_behave_like_stock():
     sync.switch_to_deploy()
     stock = mmdet_backbones.ResNet(depth=18, base_channels=8, norm_cfg=dict(type='SyncBN'))
     stock.load_state_dict(sync.state_dict(), strict=True)
+
+
+def test_official_fixture_kernels_equal_the_authors_formula(tmp_path):
+    """Every squeezed kernel of the fixture, layer by layer, against the published formula."""
+    from tests.official_reference import large_kernel, orepa_kernel
+    checkpoint = torch.load(reference_path('official_resnet18_w0.25.pth.tar'), weights_only=True)
+    official = {k[len('module.'):]: v.double() for k, v in checkpoint['state_dict'].items()
+                if v.is_floating_point()}
+    path, _ = save_converted(checkpoint, tmp_path)
+    model = for_mmdet.OREPAResNet(depth=18, base_channels=16, stem_channels=16).double()
+    load_checkpoint(model, path, strict=True)
+    with torch.no_grad():
+        assert rel_err(model.conv1.generate_kernel(), large_kernel(official, 'stage0.conv1.')) < 1e-5
+        checked = 1
+        for stage in range(1, 5):
+            for block in range(2):
+                for conv in ('conv1', 'conv2'):
+                    ours = getattr(getattr(model, f'layer{stage}')[block], conv)
+                    theirs = orepa_kernel(official, f'stage{stage}.{block}.{conv}.')
+                    assert rel_err(ours.generate_kernel(), theirs) < 1e-5
+                    checked += 1
+    assert checked == 17
