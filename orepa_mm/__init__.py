@@ -6,10 +6,15 @@ backbones (``OREPAResNet``, ``OREPAResNetV1c``, ``OREPAResNetV1d``, ``OREPAVGG``
 registries of mmcv/mmengine, mmdet, mmseg and mmpretrain, and makes mmengine's checkpoint
 loader accept runner checkpoints under torch >= 2.6 without unpickling arbitrary objects.
 """
+from .checkpoint_loading import register_safe_checkpoint_loader
 from .deploy import count_reparameterizable, reparameterize_model
 from .registry import register_all_modules
 
 __version__ = '0.1.0'
-__all__ = ['reparameterize_model', 'count_reparameterizable', 'register_all_modules']
+__all__ = [
+    'reparameterize_model', 'count_reparameterizable', 'register_all_modules',
+    'register_safe_checkpoint_loader'
+]
 
 register_all_modules()
+register_safe_checkpoint_loader()
