@@ -18,12 +18,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .kernels import (compose_1x1_kxk, compose_stacked, depthwise_pointwise_to_kernel,
-                      frequency_prior, grouped_identity, pad_to_kernel_size)
+from .kernels import compose_stacked, frequency_prior, grouped_identity, pad_to_kernel_size
+from .kxk_kernel import OREPAKxKKernel
 from .reparam_conv import ReparamConv2d
 
 #: The k x k block's branches, in the row order of its scale vector (the authors' order).
 KXK_BRANCHES = ('origin', 'avg', 'prior', '1x1_kxk', '1x1', 'dws')
+#: Branches that are a learned 1x1 matrix times a fixed k x k pattern, and their parameter.
+SMALL_BRANCH_PARAMS = {'avg': 'avg_1x1', 'prior': 'prior_1x1', '1x1': 'conv_1x1'}
 #: Published initial value of each branch's scale vector.
 KXK_SCALE_INIT = {'origin': 0.25, 'avg': 0.25, 'prior': 0.0, '1x1_kxk': 0.5, '1x1': 1.0,
                   'dws': 0.5}
@@ -138,6 +140,15 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
             self.dw_kxk = nn.Parameter(torch.empty(in_channels * e, 1, k, k))
             self.pw_1x1 = nn.Parameter(torch.empty(o, in_channels * e // groups, 1, 1))
         self.branch_scales = nn.Parameter(torch.empty(len(self.branches), o))
+        # Fixed spatial patterns (nb, O, k*k) of the branches that are a 1x1 matrix times a
+        # pattern: average, frequency prior, centred 1x1.
+        self.small_branches = tuple(b for b in self.branches if b in SMALL_BRANCH_PARAMS)
+        patterns = {'avg': torch.full((o, k * k), 1.0 / (k * k)),
+                    'prior': frequency_prior(o, k).flatten(1),
+                    '1x1': pad_to_kernel_size(torch.ones(o, 1, 1), k).flatten(1)}
+        self.register_buffer('small_patterns',
+                             torch.stack([patterns[b] for b in self.small_branches])
+                             if self.small_branches else None, persistent=False)
         self.reset_parameters(kaiming_a, kernel_init_gain, scale_init_gain, single_init)
 
     def reset_parameters(self, kaiming_a=0.0, kernel_init_gain=1.0, scale_init_gain=1.0,
@@ -162,34 +173,23 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         return self.branch_scales[self.branches.index(branch)]
 
     def generate_kernel(self) -> Tensor:
-        k, g = self.kernel_size[0], self.groups
-        kernel = self.origin * self.scale('origin').view(-1, 1, 1, 1)
-
-        # Branches that are a 1x1 matrix times a fixed spatial pattern: one einsum for all.
-        matrices, patterns = [], []
-        if 'avg' in self.branches:
-            matrices.append(self.avg_1x1)
-            patterns.append((self.scale('avg') / (k * k)).view(-1, 1, 1).expand(-1, k, k))
-        if 'prior' in self.branches:
-            matrices.append(self.prior_1x1)
-            patterns.append(self.scale('prior').view(-1, 1, 1) * self.prior)
-        if '1x1' in self.branches:
-            matrices.append(self.conv_1x1)
-            patterns.append(pad_to_kernel_size(self.scale('1x1').view(-1, 1, 1), k))
-        if matrices:
-            kernel = kernel + torch.einsum('boi,bohw->oihw',
-                                           torch.stack(matrices).flatten(2),
-                                           torch.stack(patterns))
-
+        scales = self.branch_scales
+        rows = self.branches.index
+        mats = v_small = None
+        if self.small_branches:
+            mats = torch.stack([getattr(self, SMALL_BRANCH_PARAMS[b]).flatten(1)
+                                for b in self.small_branches])
+            v_small = scales[[rows(b) for b in self.small_branches]]
+        second = first = v_compose = None
         if '1x1_kxk' in self.branches:
+            second, v_compose = self.expand_kxk, scales[rows('1x1_kxk')]
             first = self.expand_1x1_residual.flatten(1) + self.expand_identity
-            second = self.expand_kxk * self.scale('1x1_kxk').view(-1, 1, 1, 1)
-            kernel = kernel + compose_1x1_kxk(first, second, g)
+        pointwise = depthwise = v_dws = None
         if 'dws' in self.branches:
-            pointwise = self.pw_1x1.flatten(1) * self.scale('dws').view(-1, 1)
-            kernel = kernel + depthwise_pointwise_to_kernel(self.dw_kxk, pointwise,
-                                                            self.in_channels, g)
-        return kernel
+            pointwise, depthwise, v_dws = self.pw_1x1, self.dw_kxk, scales[rows('dws')]
+        return OREPAKxKKernel.apply(self.origin, scales[0], mats, self.small_patterns, v_small,
+                                    second, first, v_compose, pointwise, depthwise, v_dws,
+                                    self.groups)
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
         state = {name: p.detach().clone() for name, p in self.named_parameters()}

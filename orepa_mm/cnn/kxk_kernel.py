@@ -1,0 +1,118 @@
+"""The k x k OREPA kernel as one autograd function with a hand-written backward.
+
+Generating the squeezed kernel runs every training step, so its cost is OREPA's overhead.
+Written with plain autograd, each branch keeps a full-size scaled temporary alive for the
+backward pass and the generator is ~40 small ops. This function saves only its inputs (the
+parameters, which live anyway), sums the branches (computed by :mod:`.kernels`) into one
+output buffer, and computes all gradients with a handful of (batched) matrix products: same FLOPs as autograd's, no extra
+memory, fewer passes over kernel-sized tensors.
+
+The kernel, for output channel o, per group (I_g = in/groups, X = k * k):
+
+    K[o, i, x] =  v_origin[o] W0[o, i, x]
+               +  sum_b v_b[o] A_b[o, i] P_b[o, x]              (avg, prior, centred 1x1)
+               +  v_c[o] sum_t C2[o, t, x] M[t, i]              (1x1 -> kxk; M = identity + R)
+               +  v_d[o] sum_e PW[o, i, e] DW[i, e, x]          (depthwise-separable)
+
+Every term is optional except the origin. Tested against plain autograd on explicit
+feature-space branches (tests/test_orepa_conv.py), gradients included.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels import compose_1x1_kxk, depthwise_pointwise_to_kernel
+
+
+class OREPAKxKKernel(torch.autograd.Function):
+    """See the module docstring. Inputs with an unused branch are None."""
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, v_origin: Tensor,
+                mats: Optional[Tensor], patterns: Optional[Tensor], v_small: Optional[Tensor],
+                second: Optional[Tensor], first: Optional[Tensor], v_compose: Optional[Tensor],
+                pointwise: Optional[Tensor], depthwise: Optional[Tensor],
+                v_dws: Optional[Tensor], groups: int) -> Tensor:
+        o, i_g = origin.shape[:2]
+        x = origin.shape[-1] * origin.shape[-2]
+        out = origin * v_origin.view(-1, 1, 1, 1)
+        if mats is not None:
+            # (O, I_g, nb) @ (O, nb, X): the scaled 1x1 matrices times their fixed patterns.
+            out.view(o, i_g, x).baddbmm_(mats.permute(1, 2, 0),
+                                         (patterns * v_small[:, :, None]).transpose(0, 1))
+        if second is not None:
+            out += compose_1x1_kxk(first, second * v_compose.view(-1, 1, 1, 1), groups)
+        if pointwise is not None:
+            in_channels = depthwise.shape[0] // (pointwise.shape[1] // i_g)
+            out += depthwise_pointwise_to_kernel(
+                depthwise, pointwise.flatten(1) * v_dws.view(-1, 1), in_channels, groups)
+        ctx.groups = groups
+        ctx.save_for_backward(origin, v_origin, mats, patterns, v_small, second, first,
+                              v_compose, pointwise, depthwise, v_dws)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (origin, v_origin, mats, patterns, v_small, second, first, v_compose, pointwise,
+         depthwise, v_dws) = ctx.saved_tensors
+        g = ctx.groups
+        o, i_g = origin.shape[:2]
+        x = origin.shape[-1] * origin.shape[-2]
+        grad = grad.contiguous()
+        g3 = grad.view(o, i_g, x)
+        grads = [None] * 12
+        needs = ctx.needs_input_grad
+
+        if needs[0]:
+            grads[0] = grad * v_origin.view(-1, 1, 1, 1)
+        if needs[1]:
+            grads[1] = (g3 * origin.view(o, i_g, x)).sum((1, 2))
+
+        if mats is not None:
+            # h[o, i, b] = sum_x G[o, i, x] P_b[o, x]
+            h = torch.bmm(g3, patterns.permute(1, 2, 0))
+            if needs[2]:
+                grads[2] = (h * v_small.t().unsqueeze(1)).permute(2, 0, 1)
+            if needs[4]:
+                grads[4] = (h * mats.permute(1, 2, 0)).sum(1).t()
+
+        if second is not None:
+            t_g = second.shape[1]
+            o_g = o // g
+            # G per group with the spatial axis before I_g: (g, O_g * X, I_g).
+            g_t = g3.reshape(g, o_g, i_g, x).transpose(2, 3).reshape(g, o_g * x, i_g)
+            first_g = first.reshape(g, t_g, i_g)
+            # h[o, t, x] = sum_i G[o, i, x] M[t, i]
+            h = torch.bmm(g_t, first_g.transpose(1, 2))  # (g, O_g * X, T_g)
+            h = h.reshape(g, o_g, x, t_g).transpose(2, 3).reshape(o, t_g, x)
+            second3 = second.reshape(o, t_g, x)
+            if needs[5]:
+                grads[5] = (h * v_compose.view(-1, 1, 1)).reshape(second.shape)
+            if needs[7]:
+                grads[7] = (h * second3).sum((1, 2))
+            if needs[6]:
+                scaled = (second3 * v_compose.view(-1, 1, 1)).reshape(g, o_g, t_g, x)
+                scaled = scaled.permute(0, 2, 1, 3).reshape(g, t_g, o_g * x)
+                # dM[t, i] = sum_{o, x} v[o] C2[o, t, x] G[o, i, x]
+                grads[6] = torch.bmm(scaled, g_t).reshape(first.shape)
+
+        if pointwise is not None:
+            e = pointwise.shape[1] // i_g
+            o_g = o // g
+            dw = depthwise.reshape(g * i_g, e, x)
+            pw = pointwise.reshape(o, i_g, e)
+            g_i = g3.reshape(g, o_g, i_g, x).permute(0, 2, 1, 3).reshape(g * i_g, o_g, x)
+            # h[o, i, e] = sum_x G[o, i, x] DW[i, e, x]
+            h = torch.bmm(g_i, dw.transpose(1, 2))  # (g * I_g, O_g, E)
+            h = h.reshape(g, i_g, o_g, e).permute(0, 2, 1, 3).reshape(o, i_g, e)
+            if needs[8]:
+                grads[8] = (h * v_dws.view(-1, 1, 1)).reshape(pointwise.shape)
+            if needs[10]:
+                grads[10] = (h * pw).sum((1, 2))
+            if needs[9]:
+                scaled = (pw * v_dws.view(-1, 1, 1)).reshape(g, o_g, i_g, e)
+                scaled = scaled.permute(0, 2, 3, 1).reshape(g * i_g, e, o_g)
+                # dDW[i, e, x] = sum_o v[o] PW[o, i, e] G[o, i, x]
+                grads[9] = torch.bmm(scaled, g_i).reshape(depthwise.shape)
+        return tuple(grads)
