@@ -8,6 +8,7 @@ loader accept runner checkpoints under torch >= 2.6 without unpickling arbitrary
 """
 from .checkpoint_loading import register_safe_checkpoint_loader
 from .deploy import count_reparameterizable, reparameterize_model
+from .engine import BF16OptimWrapper  # noqa: F401  (registers the CPU --amp wrapper)
 from .registry import register_all_modules
 
 __version__ = '0.1.0'

@@ -186,15 +186,14 @@ def _has_accelerator() -> bool:
 
 
 def _enable_amp(cfg: Config) -> None:
-    """mmdet's ``--amp``: switch OptimWrapper to AmpOptimWrapper.
+    """mmdet's ``--amp``: AmpOptimWrapper (fp16, dynamic loss scale) on a GPU.
 
-    mmengine 0.10.7's AmpOptimWrapper asserts a CUDA/NPU/MLU/MUSA device in
-    its constructor (its autocast would pick bfloat16 on CPU, but the wrapper
-    never gets that far), so on a CPU-only machine this stops early with one
-    sentence instead of an AssertionError after the model is built.
+    mmengine 0.10.7's AmpOptimWrapper refuses to run without a CUDA/NPU/MLU/MUSA device, so on
+    a CPU-only machine ``--amp`` selects orepa_mm's ``BF16OptimWrapper`` (bf16 autocast, no
+    loss scaling needed) instead.
     """
     optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-    if optim_wrapper == 'AmpOptimWrapper':
+    if optim_wrapper in ('AmpOptimWrapper', 'BF16OptimWrapper'):
         print_log(
             'AMP training is already enabled in your config.',
             logger='current',
@@ -205,9 +204,8 @@ def _enable_amp(cfg: Config) -> None:
             '--amp is only supported when the optimizer wrapper type is '
             f'OptimWrapper, but the config uses {optim_wrapper}.')
     if not _has_accelerator():
-        raise ToolError(
-            '--amp needs a GPU (mmengine\'s AmpOptimWrapper refuses to run '
-            'on CPU); drop --amp to train in float32 on this machine.')
+        cfg.optim_wrapper.type = 'BF16OptimWrapper'
+        return
     cfg.optim_wrapper.type = 'AmpOptimWrapper'
     cfg.optim_wrapper.loss_scale = 'dynamic'
 

@@ -227,12 +227,13 @@ def test_auto_scale_lr(toy):
         apply_train_args(cfg, args)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only behaviour')
-def test_amp_on_cpu_is_a_clear_error(toy):
+def test_amp_on_cpu_selects_bf16(toy, monkeypatch):
     config, _ = toy
-    with pytest.raises(ToolError, match='--amp needs a GPU'):
-        apply_train_args(
-            Config.fromfile(config), parse_train_args([str(config), '--amp']))
+    import orepa_mm.tools_utils as tools_utils
+    monkeypatch.setattr(tools_utils, '_has_accelerator', lambda: False)
+    cfg = apply_train_args(
+        Config.fromfile(config), parse_train_args([str(config), '--amp']))
+    assert cfg.optim_wrapper.type == 'BF16OptimWrapper'
 
 
 def test_amp_switches_optim_wrapper(toy, monkeypatch):
