@@ -149,6 +149,10 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         self.register_buffer('small_patterns',
                              torch.stack([patterns[b] for b in self.small_branches])
                              if self.small_branches else None, persistent=False)
+        # Their rows in branch_scales, on the layer's device (no host-to-device copy in forward).
+        self.register_buffer('small_rows', torch.tensor(
+            [self.branches.index(b) for b in self.small_branches], dtype=torch.long),
+            persistent=False)
         self.reset_parameters(kaiming_a, kernel_init_gain, scale_init_gain, single_init)
 
     def reset_parameters(self, kaiming_a=0.0, kernel_init_gain=1.0, scale_init_gain=1.0,
@@ -179,7 +183,7 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         if self.small_branches:
             mats = torch.stack([getattr(self, SMALL_BRANCH_PARAMS[b]).flatten(1)
                                 for b in self.small_branches])
-            v_small = scales[[rows(b) for b in self.small_branches]]
+            v_small = scales.index_select(0, self.small_rows)
         second = first = v_compose = None
         if '1x1_kxk' in self.branches:
             second, v_compose = self.expand_kxk, scales[rows('1x1_kxk')]
