@@ -342,7 +342,11 @@ def apply_test_args(cfg: Config, args: argparse.Namespace) -> Config:
 def build_runner(cfg: Config):
     """``Runner.from_cfg``, or the scope's ``RUNNERS`` when the config names
     a ``runner_type`` (the scope's registry also finds the library's own
-    runners, mmengine's root registry would not)."""
+    runners, mmengine's root registry would not). Multi-process runs on a
+    machine without CUDA get a gloo process group first (see
+    :mod:`orepa_mm.engine.cpu_distributed`)."""
+    from orepa_mm.engine.cpu_distributed import prepare_cpu_distributed
+    prepare_cpu_distributed(cfg, cfg.get('launcher', 'none'))
     if 'runner_type' not in cfg:
         from mmengine.runner import Runner
         return Runner.from_cfg(cfg)
