@@ -1,0 +1,630 @@
+"""Train-time checkpoint -> verified deployable checkpoint + config that need no orepa_mm.
+
+:func:`reparameterize_checkpoint` is the whole conversion, used by ``tools/reparameterize.py``
+and callable from Python (demos, notebooks):
+
+1. read the config and the checkpoint (through mmengine's loader, so whatever checkpoint
+   loading orepa_mm registers applies), pick the weights (EMA when present, see
+   :func:`select_weights`) and check they fit the train-time model key for key;
+2. bake every re-param layer into a stock conv (float64, :mod:`orepa_mm.deploy`) and let the
+   orepa_mm backbones finish their own deploy step (RepVGG's branch fusion);
+3. build the stock model from :func:`~orepa_mm.apis.deploy_config.deploy_config` (dumped and
+   re-read, i.e. exactly the file that will be written), load the baked weights strictly;
+4. run both models on the same input and compare every output (see
+   :mod:`orepa_mm.apis.verification`); optionally export backbone (+neck) to ONNX and check
+   onnxruntime;
+5. only then write ``deploy.pth``, ``deploy_config.py`` (and ``deploy_backbone.onnx``),
+   each through a temporary file in the output directory and ``os.replace``.
+
+Every refusal is a :class:`ReparameterizeError` whose message is one sentence and whose
+``exit_code`` is what the CLI returns; nothing is written when one is raised.
+"""
+import copy
+import datetime
+import math
+import os
+import os.path as osp
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, DefaultScope
+from mmengine.runner.checkpoint import _load_checkpoint
+from mmengine.utils import ProgressBar
+
+from ..deploy import count_reparameterizable, is_reparameterizable
+from .deploy_config import deploy_config
+from .verification import (OutputError, check_onnx, compare_outputs, complexity,
+                           config_input_size, deterministic_image)
+from .verification import export_onnx as _export_onnx
+from .verification import library_of, make_batch, model_outputs, run_safely
+
+DEPLOY_CHECKPOINT = 'deploy.pth'
+DEPLOY_CONFIG = 'deploy_config.py'
+DEPLOY_ONNX = 'deploy_backbone.onnx'
+
+EXIT_BAD_INPUT = 1
+EXIT_ALREADY_DEPLOYED = 3
+EXIT_VERIFICATION_FAILED = 4
+
+#: Where mmdeploy keeps the ONNX Runtime deploy config of each task (mmdeploy >= 1.0).
+MMDEPLOY_CONFIGS = {
+    'mmdet': 'configs/mmdet/detection/detection_onnxruntime_dynamic.py',
+    'mmseg': 'configs/mmseg/segmentation_onnxruntime_dynamic.py',
+    'mmpretrain': 'configs/mmpretrain/classification_onnxruntime_dynamic.py',
+}
+
+
+# -- errors ----------------------------------------------------------------------------------
+class ReparameterizeError(Exception):
+    """Bad input: one sentence for the user; ``exit_code`` for the CLI; nothing was written."""
+    exit_code = EXIT_BAD_INPUT
+
+
+class AlreadyDeployedError(ReparameterizeError):
+    """The checkpoint is already re-parameterized: usable as is, nothing to do."""
+    exit_code = EXIT_ALREADY_DEPLOYED
+
+
+class VerificationError(ReparameterizeError):
+    """The deployed model's outputs (or onnxruntime's) are beyond the tolerance."""
+    exit_code = EXIT_VERIFICATION_FAILED
+
+    def __init__(self, message: str, errors: Sequence[OutputError] = ()):
+        super().__init__(message)
+        self.errors = list(errors)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().strip('"\'')
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    return line.rstrip('.')
+
+
+def _listing(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+# -- result ----------------------------------------------------------------------------------
+@dataclass
+class ReparameterizeResult:
+    """What a conversion produced and measured."""
+    config: str
+    checkpoint: str
+    out_dir: str
+    deploy_checkpoint: str
+    deploy_config: str
+    library: str
+    ema_used: bool
+    weights: str  # which weights were used, in words
+    input_size: Tuple[int, int]
+    input_size_source: str
+    rtol: float
+    num_reparameterized: int
+    errors: List[OutputError] = field(default_factory=list)
+    onnx_file: Optional[str] = None
+    onnx_errors: List[OutputError] = field(default_factory=list)
+    train_cost: Dict[str, float] = field(default_factory=dict)
+    deploy_cost: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_rel_error(self) -> float:
+        gated = [e.rel for e in self.errors + self.onnx_errors if e.gated]
+        return max(gated) if gated else 0.0
+
+    def mmdeploy_command(self, image: str = 'demo.jpg') -> str:
+        """The mmdeploy (>= 1.0, run from its repository root) call that exports this model."""
+        deploy_cfg = MMDEPLOY_CONFIGS.get(self.library, MMDEPLOY_CONFIGS['mmdet'])
+        work_dir = osp.join(self.out_dir, 'mmdeploy')
+        return (f'python tools/deploy.py {deploy_cfg} {self.deploy_config} '
+                f'{self.deploy_checkpoint} {image} --work-dir {work_dir} --device cpu '
+                '--dump-info')
+
+    def table(self) -> str:
+        """The closing summary: costs, verification errors, output paths."""
+        h, w = self.input_size
+        rows = [('', 'train-time', 'deployed')]
+        for key, label in (('params', 'parameters (model)'),
+                           ('feature_params', 'parameters (backbone+neck)'),
+                           ('flops', f'FLOPs (backbone+neck, {h}x{w})')):
+            rows.append((label, _human(self.train_cost.get(key)),
+                         _human(self.deploy_cost.get(key))))
+        lines = _format_rows(rows)
+        lines.append('')
+        lines.extend(format_errors(self.errors + self.onnx_errors, self.rtol))
+        lines.append('')
+        lines.append(f'weights: {self.weights}')
+        lines.append(f'input: 1x3x{h}x{w} ({self.input_size_source})')
+        lines.append(f're-parameterized layers: {self.num_reparameterized}')
+        outputs = [self.deploy_checkpoint, self.deploy_config]
+        if self.onnx_file:
+            outputs.append(self.onnx_file)
+        lines.extend(f'wrote {path}' for path in outputs)
+        return '\n'.join(lines)
+
+
+def _human(value: Optional[float]) -> str:
+    if value is None or math.isnan(value):
+        return 'n/a'
+    for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(value) >= scale:
+            return f'{value / scale:.3f}{unit}'
+    return f'{value:.0f}'
+
+
+def _format_rows(rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows]
+
+
+def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
+    """One line per compared output: max abs error, relative error, verdict."""
+    rows = [('output', 'max abs err', 'rel err', f'rtol {rtol:g}')]
+    for e in errors:
+        verdict = ('ok' if e.passes(rtol) else 'FAIL') if e.gated else 'info'
+        rows.append((e.name, f'{e.max_abs:.3g}', f'{e.rel:.3g}',
+                     verdict + (f' ({e.note})' if e.note else '')))
+    return _format_rows(rows)
+
+
+# -- reading inputs ---------------------------------------------------------------------------
+def _check_readable(path: str, what: str) -> None:
+    if not osp.exists(path):
+        raise ReparameterizeError(f'{what} {path} does not exist.')
+    if not osp.isfile(path):
+        raise ReparameterizeError(f'{what} {path} is not a file.')
+    if not os.access(path, os.R_OK):
+        raise ReparameterizeError(f'{what} {path} is not readable (permission denied).')
+
+
+def _check_writable_dir(out_dir: str) -> None:
+    """Fail before any work when ``out_dir`` cannot be created or written."""
+    probe = osp.abspath(out_dir)
+    if osp.exists(probe) and not osp.isdir(probe):
+        raise ReparameterizeError(f'output directory {out_dir} is an existing file.')
+    while not osp.exists(probe):
+        probe = osp.dirname(probe)
+    if not osp.isdir(probe):
+        raise ReparameterizeError(f'output directory {out_dir} cannot be created: {probe} '
+                                  'is a file.')
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ReparameterizeError(f'output directory {out_dir} is not writable '
+                                  f'({probe}: permission denied).')
+
+
+def _load_config(path: str) -> Config:
+    _check_readable(path, 'config')
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as exc:  # noqa: BLE001 - syntax errors, failed custom imports, ...
+        raise ReparameterizeError(f'cannot read config {path} ({type(exc).__name__}: '
+                                  f'{_first_line(exc)}).') from exc
+    if not isinstance(cfg.get('model'), dict):
+        raise ReparameterizeError(f'config {path} has no `model` dict.')
+    return cfg
+
+
+def _load_checkpoint_file(path: str) -> dict:
+    _check_readable(path, 'checkpoint')
+    try:
+        checkpoint = _load_checkpoint(path, map_location='cpu')
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, refused globals
+        raise ReparameterizeError(f'cannot read checkpoint {path}, it is truncated, corrupt '
+                                  f'or not a PyTorch file ({type(exc).__name__}: '
+                                  f'{_first_line(exc)}).') from exc
+    if not isinstance(checkpoint, dict):
+        raise ReparameterizeError(f'checkpoint {path} holds a {type(checkpoint).__name__}, '
+                                  'not a state dict.')
+    return checkpoint
+
+
+def _state_dict_of(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
+    state = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise ReparameterizeError(f'checkpoint {path} has no model weights (no `state_dict` of '
+                                  'tensors).')
+    return state
+
+
+def select_weights(checkpoint: dict, path: str,
+                   use_ema: Optional[bool]) -> Tuple[Dict[str, torch.Tensor], bool, str]:
+    """The state dict to convert, whether it is the EMA one, and a line saying which.
+
+    mmengine's ``EMAHook`` saves the averaged weights *under* ``state_dict`` and moves the raw
+    model's weights into ``ema_state_dict`` (keys ``module.<name>``, plus ``steps``), so that
+    plain loading gets the EMA model (``EMAHook.before_save_checkpoint`` /
+    ``_swap_ema_state_dict``). Hence: EMA wanted -> ``state_dict``; ``use_ema=False`` -> the
+    raw weights swapped back from ``ema_state_dict``. ``use_ema=None`` uses EMA when present.
+    """
+    state = _state_dict_of(checkpoint, path)
+    ema = checkpoint.get('ema_state_dict')
+    has_ema = isinstance(ema, dict) and any(k.startswith('module.') for k in ema)
+    if not has_ema:
+        if use_ema:
+            raise ReparameterizeError(f'checkpoint {path} has no EMA weights (no '
+                                      '`ema_state_dict`); run without --ema.')
+        return dict(state), False, 'model weights (the checkpoint has no EMA weights)'
+    steps = ema.get('steps')
+    steps = f', {int(steps)} EMA steps' if isinstance(steps, torch.Tensor) else ''
+    if use_ema is False:
+        raw = dict(state)
+        raw.update({k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')})
+        return raw, False, f'raw model weights (--no-ema; EMA weights ignored{steps})'
+    return dict(state), True, f'EMA weights (mmengine EMAHook{steps})'
+
+
+def _revise_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Strip a DDP ``module.`` prefix, as mmengine's ``load_checkpoint`` does by default."""
+    return {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+
+
+# -- models ------------------------------------------------------------------------------------
+def _build_model(cfg: Config, device: str, what: str) -> nn.Module:
+    """Build ``cfg.model`` in the config's scope, SyncBN reverted, eval mode, on ``device``."""
+    try:
+        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+            model = MODELS.build(copy.deepcopy(cfg.model))  # some models edit their cfg
+    except Exception as exc:  # noqa: BLE001 - unknown types, bad arguments
+        raise ReparameterizeError(f'cannot build the {what} model ({type(exc).__name__}: '
+                                  f'{_first_line(exc)}).') from exc
+    # A single process has no process group: SyncBN cannot run, and at inference it is a BN.
+    model = revert_sync_batchnorm(model)
+    model.to(device)
+    model.eval()  # mmdet's/mmseg's ResNet.train() returns None: never chain it
+    return model
+
+
+def _reparam_sites(module: nn.Module):
+    """(parent, name, layer) of every outermost re-param layer under ``module``."""
+    for name, child in module.named_children():
+        if is_reparameterizable(child):
+            yield module, name, child
+        else:
+            yield from _reparam_sites(child)
+
+
+def _is_orepa_backbone(module: nn.Module) -> bool:
+    return (type(module).__module__.startswith('orepa_mm.')
+            and callable(getattr(module, 'switch_to_deploy', None)))
+
+
+def bake(model: nn.Module, progress: bool) -> int:
+    """Re-parameterize ``model`` in place; returns the number of layers baked.
+
+    Every re-param layer becomes its float64-baked ``nn.Conv2d`` (one progress step each);
+    then orepa_mm backbones run ``switch_to_deploy`` for what goes beyond single layers
+    (OREPAVGG fuses RepVGG's 1x1 and identity branches into the 3x3 conv).
+    """
+    sites = list(_reparam_sites(model))
+    bar = ProgressBar(len(sites), file=sys.stdout) if progress and sites else None
+    for parent, name, layer in sites:
+        setattr(parent, name, layer.to_conv2d())
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        sys.stdout.write('\n')
+    for module in [m for m in model.modules() if _is_orepa_backbone(m)]:
+        module.switch_to_deploy()
+    return len(sites)
+
+
+def _check_keys(model: nn.Module, state: Dict[str, torch.Tensor], deployed_keys: Sequence[str],
+                checkpoint: str, config: str) -> None:
+    """Refuse a checkpoint that does not fit the train-time model exactly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing and deployed_keys and all(k in state for k in deployed_keys):
+        raise AlreadyDeployedError(f'checkpoint {checkpoint} is already re-parameterized (its '
+                                   'keys are those of the deployed model); use it as is with '
+                                   'the deployed config.')
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} keys missing ({_listing(missing)})')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected ({_listing(unexpected)})')
+        raise ReparameterizeError(f'checkpoint {checkpoint} does not match config {config}: '
+                                  + ', '.join(parts) + '.')
+    wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ReparameterizeError(f'checkpoint {checkpoint} does not match config {config}: '
+                                  f'{len(wrong)} tensors have other shapes ({_listing(wrong)}).')
+
+
+def _dump_text(cfg: Config, source: str) -> str:
+    header = ('# Deployed (re-parameterized) model written by orepa_mm tools/reparameterize.py\n'
+              f'# from {osp.abspath(source)}; weights: {DEPLOY_CHECKPOINT}. Stock modules only:\n'
+              '# inference, tools/test.py and mmdeploy need no `import orepa_mm`.\n')
+    return header + cfg.dump()
+
+
+def _reload(text: str) -> Config:
+    """The dumped config, read back as the file will be read (catches dump problems)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = osp.join(tmp, DEPLOY_CONFIG)
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+        return Config.fromfile(path)
+
+
+# -- writing -----------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """``value`` made of what ``torch.load(weights_only=True)`` accepts (numpy -> python)."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if value is None or type(value) in (str, int, float, bool) or isinstance(value, torch.Tensor):
+        return value
+    for plain in (bool, int, float, str):  # subclasses (TorchVersion, IntEnum) are not allowed
+        if isinstance(value, plain):
+            return plain(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _save_checkpoint(obj: dict) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        torch.save(obj, path)
+        # What stock mmengine does under torch >= 2.6: must load without orepa_mm.
+        torch.load(path, map_location='cpu', weights_only=True)
+    return write
+
+
+def _save_text(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+    return write
+
+
+def write_atomically(out_dir: str, writers: Dict[str, Callable[[str], None]]) -> Dict[str, str]:
+    """Write every file to a temporary name in ``out_dir``, then ``os.replace`` them all.
+
+    On any failure the temporaries are removed, and ``out_dir`` too when this call created it.
+    """
+    created = []
+    probe = osp.abspath(out_dir)
+    while not osp.exists(probe):
+        created.append(probe)
+        probe = osp.dirname(probe)
+    temporaries: Dict[str, str] = {}
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out_dir)
+            os.close(fd)
+            temporaries[name] = tmp
+            write(tmp)
+        finals = {}
+        for name, tmp in temporaries.items():
+            finals[name] = osp.join(out_dir, name)
+            os.replace(tmp, finals[name])
+        return finals
+    except BaseException:
+        for tmp in temporaries.values():
+            if osp.exists(tmp):
+                os.unlink(tmp)
+        for folder in created:  # deepest first
+            if osp.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+
+
+# -- the conversion ----------------------------------------------------------------------------
+def _log(message: str, verbose: bool) -> None:
+    if verbose:
+        print_log(message, logger='current')
+
+
+def _check_args(device: str, input_size, rtol: float) -> None:
+    if device not in ('cpu', 'cuda') and not device.startswith('cuda:'):
+        raise ReparameterizeError(f'device must be cpu or cuda, got {device!r}.')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ReparameterizeError('device cuda was asked for but CUDA is not available; use '
+                                  '--device cpu.')
+    if input_size is not None and (len(input_size) != 2 or any(
+            not isinstance(v, int) or v <= 0 for v in input_size)):
+        raise ReparameterizeError(f'input size must be two positive integers H W, got '
+                                  f'{input_size!r}.')
+    if not rtol > 0:
+        raise ReparameterizeError(f'rtol must be positive, got {rtol!r}.')
+
+
+def reparameterize_checkpoint(config: str,
+                              checkpoint: str,
+                              out_dir: str,
+                              use_ema: Optional[bool] = None,
+                              device: str = 'cpu',
+                              input_size: Optional[Tuple[int, int]] = None,
+                              rtol: float = 1e-4,
+                              export_onnx: bool = False,
+                              verbose: bool = True) -> ReparameterizeResult:
+    """Convert a train-time checkpoint into a verified deployable one (see module docstring).
+
+    Args:
+        config: train-time config (a detector, segmentor or classifier with orepa_mm layers).
+        checkpoint: its checkpoint (runner checkpoint or bare state dict).
+        out_dir: where ``deploy.pth``, ``deploy_config.py`` (and ``deploy_backbone.onnx``) go.
+        use_ema: True: require and use EMA weights; False: the raw weights; None: EMA if any.
+        device: 'cpu' or 'cuda' for building and verifying.
+        input_size: (H, W) of the verification input; default: the config's test size.
+        rtol: largest relative error accepted for any output (and for onnxruntime).
+        export_onnx: also export backbone (+ neck) to ONNX and check it with onnxruntime.
+        verbose: log the steps, the progress bar and the comparison.
+
+    Raises:
+        ReparameterizeError: bad input (``exit_code`` 1); :class:`AlreadyDeployedError` (3);
+            :class:`VerificationError` (4). Nothing is written in any of these cases.
+    """
+    _check_args(device, input_size, rtol)
+    _check_writable_dir(out_dir)
+    cfg = _load_config(config)
+    ckpt = _load_checkpoint_file(checkpoint)
+    meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
+    if isinstance(meta.get('reparameterized'), dict):
+        source = meta['reparameterized'].get('source_checkpoint', 'a train-time checkpoint')
+        raise AlreadyDeployedError(f'checkpoint {checkpoint} is already re-parameterized (made '
+                                   f'from {source}); use it as is with its deploy_config.py.')
+
+    model = _build_model(cfg, device, 'train-time')
+    if count_reparameterizable(model) == 0 and not any(map(_is_orepa_backbone, model.modules())):
+        raise ReparameterizeError(f'the model of config {config} has nothing to re-parameterize '
+                                  '(no OREPA/DBB conv and no orepa_mm backbone).')
+    deployed_text, deployed_cfg = _deployed_config(cfg, config)
+    stock = _build_model(deployed_cfg, device, 'deployed (stock)')
+
+    state, ema_used, weights = select_weights(ckpt, checkpoint, use_ema)
+    state = _revise_keys(state)
+    _check_keys(model, state, list(stock.state_dict()), checkpoint, config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    _log(f'weights: {weights}', verbose)
+    num_baked = _convert_into(stock, model, config, verbose)
+
+    if input_size is None:
+        size, size_source = config_input_size(cfg)
+    else:
+        size, size_source = tuple(input_size), '--input-size'
+    image = deterministic_image(size).to(device)
+    _log(f'verifying on a 1x3x{size[0]}x{size[1]} input ({size_source})', verbose)
+    errors = _verify(model, stock, image, rtol, verbose)
+    inputs = make_batch(stock, image)['inputs']
+    train_cost, deploy_cost = complexity(model, inputs), complexity(stock, inputs)
+
+    onnx_errors: List[OutputError] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        writers = {}
+        if export_onnx:
+            onnx_file = osp.join(tmp, DEPLOY_ONNX)
+            onnx_errors = _export_and_check_onnx(stock, inputs, onnx_file, rtol, errors, verbose)
+            writers[DEPLOY_ONNX] = lambda path: shutil.copyfile(onnx_file, path)
+        record = dict(
+            tool='orepa_mm tools/reparameterize.py',
+            orepa_mm_version=_version(),
+            torch_version=str(torch.__version__),
+            time=datetime.datetime.now().isoformat(timespec='seconds'),
+            source_config=osp.abspath(config),
+            source_checkpoint=osp.abspath(checkpoint),
+            ema_used=ema_used,
+            weights=weights,
+            layers=num_baked,
+            input_size=list(size),
+            rtol=rtol,
+            max_rel_error=max([e.rel for e in errors + onnx_errors if e.gated], default=0.0),
+            errors={e.name: e.as_dict() for e in errors + onnx_errors},
+        )
+        new_meta = _plain(copy.deepcopy(meta))
+        new_meta['reparameterized'] = record
+        writers = {
+            DEPLOY_CHECKPOINT: _save_checkpoint(dict(meta=new_meta, state_dict=stock.state_dict())),
+            DEPLOY_CONFIG: _save_text(deployed_text),
+            **writers,
+        }
+        try:
+            finals = write_atomically(out_dir, writers)
+        except OSError as exc:
+            raise ReparameterizeError(f'cannot write to {out_dir} '
+                                      f'({exc.strerror or _first_line(exc)}).') from exc
+
+    return ReparameterizeResult(
+        config=config, checkpoint=checkpoint, out_dir=out_dir,
+        deploy_checkpoint=finals[DEPLOY_CHECKPOINT], deploy_config=finals[DEPLOY_CONFIG],
+        onnx_file=finals.get(DEPLOY_ONNX), library=library_of(stock), ema_used=ema_used,
+        weights=weights, input_size=tuple(size), input_size_source=size_source, rtol=rtol,
+        num_reparameterized=num_baked, errors=errors, onnx_errors=onnx_errors,
+        train_cost=train_cost, deploy_cost=deploy_cost)
+
+
+def _deployed_config(cfg: Config, config: str) -> Tuple[str, Config]:
+    """The text of ``deploy_config.py`` and the config read back from exactly that text."""
+    try:
+        text = _dump_text(deploy_config(cfg), config)
+        return text, _reload(text)
+    except Exception as exc:  # noqa: BLE001 - a value Config cannot dump, a failed re-import
+        raise ReparameterizeError(f'cannot write a deployed config for {config} '
+                                  f'({type(exc).__name__}: {_first_line(exc)}).') from exc
+
+
+def _convert_into(stock: nn.Module, model: nn.Module, config: str, verbose: bool) -> int:
+    """Bake a copy of ``model`` and load it strictly into ``stock``; returns the layer count."""
+    deployed = copy.deepcopy(model)
+    _log(f'baking {len(list(_reparam_sites(deployed)))} re-param layers in float64', verbose)
+    num_baked = bake(deployed, progress=verbose)
+    missing, unexpected = stock.load_state_dict(deployed.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ReparameterizeError(
+            f'the deployed config of {config} does not describe the re-parameterized model '
+            f'(missing {_listing(list(missing)) or "none"}; unexpected '
+            f'{_listing(list(unexpected)) or "none"}); is a backbone type missing from '
+            'orepa_mm.apis.deploy_config?')
+    stock.eval()
+    return num_baked
+
+
+def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float,
+            verbose: bool) -> List[OutputError]:
+    """Every output of both models on ``image``; :class:`VerificationError` beyond ``rtol``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            reference = run_safely('running the train-time model', model_outputs, model, image)
+            actual = run_safely('running the deployed model', model_outputs, stock, image)
+        except RuntimeError as exc:
+            raise ReparameterizeError(f'{exc}; if the input size is the cause, pass --input-size '
+                                      'H W.') from exc
+    errors = compare_outputs(reference, actual)
+    _log('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
+         verbose)
+    failed = [e for e in errors if not e.passes(rtol)]
+    if failed:
+        worst = max(failed, key=lambda e: e.rel)
+        raise VerificationError(
+            f'the deployed model differs from the train-time model: {len(failed)} outputs '
+            f'beyond rtol {rtol:g} (worst {worst.name}, relative error {worst.rel:.3g}); '
+            'nothing written.', errors)
+    return errors
+
+
+def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str, rtol: float,
+                           errors: List[OutputError], verbose: bool) -> List[OutputError]:
+    """Export backbone (+ neck) to ``path`` and compare onnxruntime with PyTorch."""
+    _log('exporting backbone (+neck) to ONNX and checking onnxruntime', verbose)
+    try:
+        names = run_safely('ONNX export', _export_onnx, stock, inputs, path)
+        onnx_errors = run_safely('onnxruntime', check_onnx, stock, inputs, path, names)
+    except RuntimeError as exc:
+        raise ReparameterizeError(f'{exc}.') from exc
+    _log('onnxruntime vs PyTorch, per output:\n' + '\n'.join(format_errors(onnx_errors, rtol)),
+         verbose)
+    failed = [e for e in onnx_errors if not e.passes(rtol)]
+    if failed:
+        worst = max(failed, key=lambda e: e.rel)
+        raise VerificationError(
+            f'onnxruntime differs from PyTorch on the deployed backbone: {worst.name} '
+            f'relative error {worst.rel:.3g} > rtol {rtol:g}; nothing written.',
+            errors + onnx_errors)
+    return onnx_errors
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
