@@ -128,7 +128,6 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
             self.avg_1x1 = nn.Parameter(torch.empty(o, i_g, 1, 1))
         if 'prior' in self.branches:
             self.prior_1x1 = nn.Parameter(torch.empty(o, i_g, 1, 1))
-            self.register_buffer('prior', frequency_prior(o, k), persistent=False)
         if '1x1_kxk' in self.branches:
             # The first factor is identity + this residual, so it starts as the identity.
             self.expand_1x1_residual = nn.Parameter(torch.zeros(t, i_g, 1, 1))
@@ -175,6 +174,12 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
     def scale(self, branch: str) -> Tensor:
         """The (O,) scale vector of a branch."""
         return self.branch_scales[self.branches.index(branch)]
+
+    @property
+    def prior(self) -> Tensor:
+        """The fixed frequency-prior patterns D (O, k, k) of the 'prior' branch."""
+        k = self.kernel_size[0]
+        return self.small_patterns[self.small_branches.index('prior')].view(-1, k, k)
 
     def generate_kernel(self) -> Tensor:
         scales = self.branch_scales
