@@ -1,0 +1,284 @@
+"""Every shipped config: resolves, builds, trains one step on CPU, keeps the OREPA recipe.
+
+The models are built as a CPU user would (SyncBN reverted to BN, ``backbone.init_cfg=None`` so no
+checkpoint is read) and take one forward+backward on a tiny synthetic batch.
+"""
+import glob
+import os.path as osp
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, DefaultScope
+
+import orepa_mm  # noqa: F401
+from orepa_mm.cnn import ReparamConv2d
+from orepa_mm.data_check import MissingDatasetError, check_dataset_paths, iter_dataset_paths
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIG_DIR = osp.join(REPO, 'configs')
+OFFICIAL_R50 = 'checkpoints/orepa_resnet50_official.pth'
+
+# name -> (default_scope, data root the check must ask for)
+DETECTION = {
+    'faster_rcnn_orepa_r50': 'data/coco/',
+    'retinanet_orepa_r50': 'data/coco/',
+    'mask_rcnn_orepa_r50': 'data/coco/',
+}
+SEGMENTATION = {
+    'pspnet_orepa_r50_cityscapes': 'data/cityscapes/',
+    'deeplabv3plus_orepa_r50_cityscapes': 'data/cityscapes/',
+    'upernet_orepa_r50_ade20k': 'data/ade/ADEChallengeData2016',
+    'pspnet_orepa_r50_ade20k': 'data/ade/ADEChallengeData2016',
+}
+CLASSIFICATION = {
+    'orepa_resnet50_imagenet': 'data/imagenet',
+    'orepa_resnet18_imagenet': 'data/imagenet',
+    'orepa_vgg_a0_imagenet': 'data/imagenet',
+}
+DEMO = {
+    'demo/faster_rcnn_orepa_r18_demo': 'data/demo/',
+    'demo/pspnet_orepa_r18_demo': 'data/demo/',
+}
+SCOPES = {**{k: 'mmdet' for k in DETECTION}, **{k: 'mmseg' for k in SEGMENTATION},
+          **{k: 'mmpretrain' for k in CLASSIFICATION},
+          'demo/faster_rcnn_orepa_r18_demo': 'mmdet', 'demo/pspnet_orepa_r18_demo': 'mmseg'}
+DATA_ROOTS = {**DETECTION, **SEGMENTATION, **CLASSIFICATION, **DEMO}
+ALL = sorted(SCOPES)
+DOWNSTREAM = sorted({**DETECTION, **SEGMENTATION})
+
+
+def config_path(name):
+    return osp.join(CONFIG_DIR, name + '.py')
+
+
+def load(name):
+    return Config.fromfile(config_path(name))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny inputs gain nothing from threads, and a shared CPU makes them much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_shipped_config_is_listed_here():
+    shipped = {osp.relpath(p, CONFIG_DIR)[:-3]
+               for p in glob.glob(osp.join(CONFIG_DIR, '**', '*.py'), recursive=True)}
+    assert shipped == set(ALL)
+
+
+# -- resolving -------------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ALL)
+def test_config_resolves_its_base_and_imports_orepa_mm(name):
+    cfg = load(name)
+    assert cfg.default_scope == SCOPES[name]
+    assert cfg.custom_imports == dict(imports=['orepa_mm'], allow_failed_imports=False)
+    text = open(config_path(name)).read()
+    assert f"_base_ = '{SCOPES[name]}::" in text  # inherits the stock OpenMMLab config
+    # what the base provides is there: a full model, data and schedule
+    for key in ('model', 'train_dataloader', 'val_dataloader', 'test_dataloader',
+                'optim_wrapper', 'param_scheduler', 'train_cfg', 'default_hooks'):
+        assert key in cfg, key
+    assert cfg.model.backbone.type.startswith('OREPA')
+
+
+# -- building and one training step ------------------------------------------------------------
+def tiny_batch(cfg, scope, size):
+    """A packed batch of two images (``data_preprocessor`` input) for the config's task."""
+    torch.manual_seed(0)
+    if scope == 'mmdet':
+        from mmdet.testing import demo_mm_inputs
+        heads = [cfg.model.get('roi_head', {}).get('bbox_head', {}),
+                 cfg.model.get('bbox_head', {})]
+        num_classes = next(h['num_classes'] for h in heads if h)
+        return demo_mm_inputs(batch_size=2, image_shapes=(3, size, size),
+                              num_classes=num_classes, num_items=[2, 3],
+                              with_mask='mask_head' in cfg.model.get('roi_head', {}))
+    inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(2)]
+    if scope == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        samples = []
+        for _ in inputs:
+            sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                                 pad_shape=(size, size)))
+            num_classes = cfg.model.decode_head.num_classes
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, size, size)))
+            samples.append(sample)
+        return dict(inputs=inputs, data_samples=samples)
+    from mmpretrain.structures import DataSample
+    samples = [DataSample().set_gt_label(i) for i in range(len(inputs))]
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def build_cpu_model(cfg):
+    model_cfg = deepcopy(cfg.model)
+    model_cfg.backbone.init_cfg = None  # no checkpoint needed
+    if cfg.default_scope == 'mmseg':
+        model_cfg.data_preprocessor.size = None  # upstream pads to the 512x1024 crop
+        model_cfg.data_preprocessor.size_divisor = 32
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(model_cfg)
+    return revert_sync_batchnorm(model)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_model_builds_and_trains_one_step_on_cpu(name):
+    cfg = load(name)
+    model = build_cpu_model(cfg)
+    backbone = model.backbone
+    assert type(backbone).__module__.startswith('orepa_mm.models.backbones.')
+    assert any(isinstance(m, ReparamConv2d) for m in backbone.modules())
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+    model.train()
+    size = 64 if SCOPES[name] != 'mmdet' else 96
+    data = model.data_preprocessor(tiny_batch(cfg, SCOPES[name], size), True)
+    losses = model(**data, mode='loss')
+    loss, _ = model.parse_losses(losses)
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+    assert trainable
+    assert [n for n, p in trainable if p.grad is None] == []
+    assert any(p.grad.abs().sum() > 0 for _, p in trainable)
+
+
+# -- pretrained weights and the stem learning rate ---------------------------------------------
+@pytest.mark.parametrize('name', DOWNSTREAM)
+def test_downstream_configs_start_from_the_converted_official_checkpoint(name):
+    cfg = load(name)
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint=OFFICIAL_R50)
+    assert cfg.model.get('pretrained') is None  # mmseg's model-level `pretrained` is moved
+    stem = 'backbone.stem' if cfg.model.backbone.type == 'OREPAResNetV1c' else 'backbone.conv1'
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys == {stem: dict(lr_mult=0.1)}
+
+
+@pytest.mark.parametrize('name', DOWNSTREAM)
+def test_stem_lr_multiplier_reaches_exactly_the_stem_parameters(name):
+    cfg = load(name)
+    model = build_cpu_model(cfg)
+    for p in model.parameters():
+        p.requires_grad_(True)  # upstream freezes the mmdet stem; see that the key fits
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        from mmengine.optim import build_optim_wrapper
+        optim = build_optim_wrapper(model, deepcopy(cfg.optim_wrapper))
+    base_lr = cfg.optim_wrapper.optimizer.lr
+    stem_prefix = 'stem.' if cfg.model.backbone.type == 'OREPAResNetV1c' else 'conv1.'
+    stem_ids = {id(p) for n, p in model.backbone.named_parameters() if n.startswith(stem_prefix)}
+    assert stem_ids
+    for group in optim.optimizer.param_groups:
+        for p in group['params']:
+            expected = base_lr * 0.1 if id(p) in stem_ids else base_lr
+            assert group['lr'] == pytest.approx(expected)
+
+
+FALLBACK = {'OREPAResNet': 'torchvision://resnet50', 'OREPAResNetV1c': 'open-mmlab://resnet50_v1c'}
+
+
+@pytest.mark.parametrize('name', DOWNSTREAM)
+def test_documented_fallback_switch_names_stock_weights(name):
+    """The one --cfg-options switch of the README (stock weights instead of OREPA ones)."""
+    cfg = load(name)
+    switch = FALLBACK[cfg.model.backbone.type]
+    assert f'model.backbone.init_cfg.checkpoint={switch}' in open(config_path(name)).read()
+    cfg.merge_from_dict({'model.backbone.init_cfg.checkpoint': switch})
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint=switch)
+
+
+@pytest.mark.parametrize('name', ['faster_rcnn_orepa_r50', 'pspnet_orepa_r50_cityscapes'])
+def test_fallback_stock_weights_load_exactly(name, tmp_path):
+    """Stock ResNet-50 weights (what torchvision:// / open-mmlab:// deliver) through the
+    config's init_cfg give an OREPA backbone that computes what the stock backbone computes."""
+    cfg = load(name)
+    stock_cfg = deepcopy(cfg.model.backbone)
+    stock_cfg.type = stock_cfg.type.replace('OREPA', '')
+    stock_cfg.init_cfg = None
+    stock_cfg.norm_cfg = dict(type='BN', requires_grad=True)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        stock = MODELS.build(stock_cfg)
+        torch.manual_seed(0)
+        stock.init_weights()
+        with torch.no_grad():
+            for m in stock.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        state = dict(stock.state_dict())
+        state['fc.weight'] = torch.zeros(1000, 2048)  # torchvision files carry the classifier
+        path = tmp_path / 'stock_resnet50.pth'
+        torch.save(state, path)
+        cfg.merge_from_dict({'model.backbone.init_cfg.checkpoint': str(path)})
+        orepa_cfg = deepcopy(cfg.model.backbone)
+        orepa_cfg.norm_cfg = dict(type='BN', requires_grad=True)
+        orepa = MODELS.build(orepa_cfg)
+        orepa.init_weights()
+    stock.eval()  # mmdet's/mmseg's ResNet.train() returns None: never chain it
+    orepa.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(stock(x), orepa(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+# -- ImageNet recipe ---------------------------------------------------------------------------
+@pytest.mark.parametrize('name', sorted(CLASSIFICATION))
+def test_imagenet_configs_follow_the_papers_recipe(name):
+    cfg = load(name)
+    assert cfg.train_cfg.max_epochs == 120
+    assert cfg.train_dataloader.batch_size * 8 == 256 == cfg.auto_scale_lr.base_batch_size
+    assert cfg.optim_wrapper.optimizer.type == 'SGD' and cfg.optim_wrapper.optimizer.lr == 0.1
+    schedulers = cfg.param_scheduler
+    schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+    cosine = [s for s in schedulers if s.type == 'CosineAnnealingLR']
+    assert len(cosine) == 1 and cosine[0].T_max == 120 and cosine[0].end == 120
+    assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0
+    assert cfg.optim_wrapper.paramwise_cfg.bias_decay_mult == 0
+    assert cfg.model.backbone.get('init_cfg') is None  # trained from scratch
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    cfg = load('orepa_resnet18_imagenet')
+    model = build_cpu_model(cfg)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        from mmengine.optim import build_optim_wrapper
+        optim = build_optim_wrapper(model, deepcopy(cfg.optim_wrapper))
+    decay = {}
+    for group in optim.optimizer.param_groups:
+        for p in group['params']:
+            decay[id(p)] = group['weight_decay']
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.modules.batchnorm._NormBase) or pname == 'bias':
+                assert decay[id(p)] == 0, f'{name}.{pname}'
+    assert decay[id(model.head.fc.weight)] == pytest.approx(1e-4)
+    assert any(v == pytest.approx(1e-4) for k, v in decay.items()
+               if k in {id(p) for p in model.backbone.layer1.parameters() if p.ndim == 4})
+
+
+# -- data paths --------------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ALL)
+def test_data_check_reads_the_config_paths(name, tmp_path, monkeypatch):
+    cfg = load(name)
+    paths = [p for _, p in iter_dataset_paths(cfg)]
+    assert paths and all(p.startswith(DATA_ROOTS[name].rstrip('/')) for p in paths), paths
+    monkeypatch.chdir(tmp_path)  # no data here
+    with pytest.raises(MissingDatasetError) as err:
+        check_dataset_paths(cfg, ('train', 'val'))
+    message = str(err.value)
+    assert osp.join(str(tmp_path), DATA_ROOTS[name].rstrip('/')) in message
+    assert "README section 'Datasets'" in message and message.count('.') >= 1
+
+
+def test_detection_evaluators_read_the_annotation_files_the_loaders_use():
+    for name in list(DETECTION) + ['demo/faster_rcnn_orepa_r18_demo']:
+        cfg = load(name)
+        ds = cfg.val_dataloader.dataset
+        assert cfg.val_evaluator.ann_file == ds.data_root + ds.ann_file
