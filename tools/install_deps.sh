@@ -31,11 +31,16 @@ pip_() { "${PIP[@]}" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a d
 say() { printf '[install] %s\n' "$*"; }
 have() { "$PY" -c "$1" >/dev/null 2>&1; }
 
-# 1. Build tooling: mmcv 2.1.0's setup.py imports pkg_resources (gone in setuptools 81).
-if ! have 'import setuptools, wheel, ninja, sys; from packaging.version import Version as V; sys.exit(V(setuptools.__version__) >= V("81"))'; then
-  say "build tools: setuptools<81, wheel, ninja"
-  pip_ install -q "setuptools<81" wheel ninja packaging
-fi
+# 1. Build tooling: mmcv 2.1.0's setup.py and mmengine 0.10.7 (at run time) import
+#    pkg_resources, which setuptools 81 removed. Other installs may upgrade setuptools (torch
+#    asks for a recent one), so this is re-checked at the end.
+ensure_build_tools() {
+  if ! have 'import setuptools, wheel, ninja, pkg_resources, sys; from packaging.version import Version as V; sys.exit(V(setuptools.__version__) >= V("81"))'; then
+    say "build tools: setuptools<81, wheel, ninja"
+    pip_ install -q "setuptools<81" wheel ninja packaging
+  fi
+}
+ensure_build_tools
 
 # 2. torch + torchvision: keep whatever pair the environment already has.
 if have 'import torch, torchvision'; then
@@ -94,4 +99,5 @@ if ! have 'import mmdet, mmseg, mmpretrain, ftfy, regex, pycocotools, pytest, hy
   pip_ install -q -r "$ROOT/requirements.txt"
   pip_ install -q --no-build-isolation --no-deps -e "$ROOT"
 fi
-say "ready: $("$PY" -c 'import torch, mmcv, mmdet, mmseg, mmpretrain; print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}")')"
+ensure_build_tools
+say "ready: $("$PY" -W ignore -c 'import pkg_resources, torch, mmcv, mmdet, mmseg, mmpretrain; print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}")')"
