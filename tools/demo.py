@@ -39,6 +39,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers the OREPA modules
 from orepa_mm.apis import ReparameterizeError, reparameterize_checkpoint  # noqa: E402
+from orepa_mm.apis.text_table import format_rows, human_number  # noqa: E402
 from orepa_mm.data_check import MissingDatasetError, check_dataset_paths  # noqa: E402
 from orepa_mm.datasets import DemoDatasetSpec, ensure_demo_dataset  # noqa: E402
 
@@ -227,20 +228,6 @@ def run_task(task: TaskSpec, data_root: str, work_dir: str, cfg_options: Optiona
 
 
 # ----------------------------------------------------------------------------------- table
-def _human(value: Optional[float]) -> str:
-    if value is None:
-        return 'n/a'
-    for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
-        if abs(value) >= scale:
-            return f'{value / scale:.3f}{unit}'
-    return f'{value:.0f}'
-
-
-def _rows_to_lines(rows: List[Sequence[str]]) -> List[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
 def format_table(res: TaskResult, title: str, threads: int) -> str:
     rows = [('', 'train-time (OREPA)', 'deployed (stock convs)', '')]
     for key in res.metric_names:
@@ -255,13 +242,13 @@ def format_table(res: TaskResult, title: str, threads: int) -> str:
                        ('flops', f'FLOPs (backbone+neck, {h}x{w})')):
         t, d = res.train_cost.get(key), res.deploy_cost.get(key)
         ratio = f'{d / t:.2f}x' if t and d else ''
-        rows.append((label, _human(t), _human(d), ratio))
+        rows.append((label, human_number(t), human_number(d), ratio))
     if res.ms_per_image:
         t, d = res.ms_per_image['unconverted'], res.ms_per_image['deployed']
         rows.append((f'inference ms/image ({res.timing_images} images, {threads} thr.)',
                      f'{t:.1f}', f'{d:.1f}', f'deployed/unconverted {d / t:.2f}x'))
     lines = [title, '=' * len(title)]
-    lines += _rows_to_lines(rows)
+    lines += format_rows(rows)
     if res.ms_per_image:
         lines.append('(in eval mode the unconverted model generates its OREPA kernels once and '
                      'caches them,\n so both run the same convs; training regenerates them '

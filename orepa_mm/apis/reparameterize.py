@@ -21,7 +21,6 @@ Every refusal is a :class:`ReparameterizeError` whose message is one sentence an
 """
 import copy
 import datetime
-import math
 import os
 import os.path as osp
 import re
@@ -48,6 +47,7 @@ from .verification import (OutputError, check_onnx, compare_outputs, complexity,
                            config_input_size, deterministic_image)
 from .verification import export_onnx as _export_onnx
 from .verification import library_of, make_batch, model_outputs, run_safely
+from .text_table import format_rows, human_number
 
 DEPLOY_CHECKPOINT = 'deploy.pth'
 DEPLOY_CONFIG = 'deploy_config.py'
@@ -138,9 +138,9 @@ class ReparameterizeResult:
         for key, label in (('params', 'parameters (model)'),
                            ('feature_params', 'parameters (backbone+neck)'),
                            ('flops', f'FLOPs (backbone+neck, {h}x{w})')):
-            rows.append((label, _human(self.train_cost.get(key)),
-                         _human(self.deploy_cost.get(key))))
-        lines = _format_rows(rows)
+            rows.append((label, human_number(self.train_cost.get(key)),
+                         human_number(self.deploy_cost.get(key))))
+        lines = format_rows(rows)
         lines.append('')
         lines.extend(format_errors(self.errors + self.onnx_errors, self.rtol))
         lines.append('')
@@ -154,21 +154,6 @@ class ReparameterizeResult:
         return '\n'.join(lines)
 
 
-def _human(value: Optional[float]) -> str:
-    if value is None or math.isnan(value):
-        return 'n/a'
-    for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
-        if abs(value) >= scale:
-            return f'{value / scale:.3f}{unit}'
-    return f'{value:.0f}'
-
-
-def _format_rows(rows: Sequence[Sequence[str]]) -> List[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-            for row in rows]
-
-
 def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
     """One line per compared output: max abs error, relative error, verdict."""
     rows = [('output', 'max abs err', 'rel err', f'rtol {rtol:g}')]
@@ -176,7 +161,7 @@ def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
         verdict = ('ok' if e.passes(rtol) else 'FAIL') if e.gated else 'info'
         rows.append((e.name, f'{e.max_abs:.3g}', f'{e.rel:.3g}',
                      verdict + (f' ({e.note})' if e.note else '')))
-    return _format_rows(rows)
+    return format_rows(rows)
 
 
 # -- reading inputs ---------------------------------------------------------------------------
