@@ -59,13 +59,7 @@ def load(name):
     return Config.fromfile(config_path(name))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny inputs gain nothing from threads, and a shared CPU makes them much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_every_shipped_config_is_listed_here():

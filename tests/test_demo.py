@@ -31,13 +31,7 @@ def load_demo_tool():
     return module
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small CPU runs: one thread is steady on a shared machine, two can be far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def files_under(root):
