@@ -53,7 +53,7 @@ class ConversionReport:
         if self.dropped:
             out.append(f'dropped ({len(self.dropped)}): ' + ', '.join(self.dropped))
         if self.added:
-            out.append(f'added as zeros (dormant branches): ' + ', '.join(self.added))
+            out.append('added as zeros (dormant branches): ' + ', '.join(self.added))
         return out
 
 
@@ -118,10 +118,9 @@ def _ungroup_pointwise(pw: Tensor, groups: int) -> Tensor:
     return pw.reshape(o // groups, groups, *pw.shape[1:]).transpose(0, 1).reshape(pw.shape)
 
 
-def _check_constant(key: str, value: Tensor, state: Dict[str, Tensor]):
+def _check_constant(key: str, value: Tensor):
     """The authors' saved constants must be the ones orepa_mm recomputes."""
     name = key.rsplit('.', 1)[-1]
-    prefix = key[:-len(name)]
     if name.endswith('avg_avg'):
         k = value.shape[-1]
         want = torch.full((k, k), 1.0 / k**2)
@@ -241,7 +240,7 @@ def convert_official_state_dict(checkpoint) -> Tuple[Dict[str, Tensor], Conversi
     report = ConversionReport(architecture)
     for key, value in state.items():
         if key.rsplit('.', 1)[-1] in CONSTANT_BUFFERS:
-            _check_constant(key, value, state)
+            _check_constant(key, value)
     convert = _convert_resnet if architecture['family'] == 'resnet' else _convert_repvgg
     out = convert(state, report)
 
