@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels import compose_1x1_kxk, depthwise_pointwise_to_kernel
+from .gemm import batched_matmul
+from .kernels import depthwise_pointwise_to_kernel
 
 
 class OREPAKxKKernel(torch.autograd.Function):
@@ -42,7 +43,14 @@ class OREPAKxKKernel(torch.autograd.Function):
             out.view(o, i_g, x).baddbmm_(mats.permute(1, 2, 0),
                                          (patterns * v_small[:, :, None]).transpose(0, 1))
         if second is not None:
-            out += compose_1x1_kxk(first, second * v_compose.view(-1, 1, 1, 1), groups)
+            t_g, o_g = second.shape[1], o // groups
+            # The k x k factor with its taps before its channels, (g, O_g * X, T_g), so that
+            # composing is one large product per group: (O_g X, T_g) @ (T_g, I_g).
+            second_t = second.reshape(groups, o_g, t_g, x).transpose(2, 3).reshape(
+                groups, o_g * x, t_g)
+            composed = batched_matmul(second_t, first.reshape(groups, t_g, i_g))
+            out.view(o, i_g, x).addcmul_(composed.view(o, x, i_g).transpose(1, 2),
+                                         v_compose.view(-1, 1, 1))
         if pointwise is not None:
             in_channels = depthwise.shape[0] // (pointwise.shape[1] // i_g)
             out += depthwise_pointwise_to_kernel(
@@ -78,24 +86,25 @@ class OREPAKxKKernel(torch.autograd.Function):
                 grads[4] = (h * mats.permute(1, 2, 0)).sum(1).t()
 
         if second is not None:
-            t_g = second.shape[1]
-            o_g = o // g
-            # G per group with the spatial axis before I_g: (g, O_g * X, I_g).
+            t_g, o_g = second.shape[1], o // g
+            # G with the taps before the input channels: (g, O_g * X, I_g).
             g_t = g3.reshape(g, o_g, i_g, x).transpose(2, 3).reshape(g, o_g * x, i_g)
-            first_g = first.reshape(g, t_g, i_g)
-            # h[o, t, x] = sum_i G[o, i, x] M[t, i]
-            h = torch.bmm(g_t, first_g.transpose(1, 2))  # (g, O_g * X, T_g)
-            h = h.reshape(g, o_g, x, t_g).transpose(2, 3).reshape(o, t_g, x)
+            # h[o, t, x] = sum_i G[o, i, x] M[t, i]: the unscaled gradient of C2.
+            h = batched_matmul(g_t, first.reshape(g, t_g, i_g).transpose(1, 2))
+            h = h.view(o, x, t_g).transpose(1, 2).contiguous()
             second3 = second.reshape(o, t_g, x)
-            if needs[5]:
-                grads[5] = (h * v_compose.view(-1, 1, 1)).reshape(second.shape)
             if needs[7]:
                 grads[7] = (h * second3).sum((1, 2))
+            if needs[5]:
+                grads[5] = h.mul_(v_compose.view(-1, 1, 1)).view(second.shape)
             if needs[6]:
-                scaled = (second3 * v_compose.view(-1, 1, 1)).reshape(g, o_g, t_g, x)
-                scaled = scaled.permute(0, 2, 1, 3).reshape(g, t_g, o_g * x)
+                # v[o] C2[o, t, x] with t first, (g, T_g, O_g * X): the product below then
+                # contracts the contiguous axis of one operand and the outer axis of the other.
+                scaled = torch.empty(g, t_g, o_g, x, dtype=grad.dtype, device=grad.device)
+                torch.mul(second3.view(g, o_g, t_g, x).transpose(1, 2),
+                          v_compose.view(g, 1, o_g, 1), out=scaled)
                 # dM[t, i] = sum_{o, x} v[o] C2[o, t, x] G[o, i, x]
-                grads[6] = torch.bmm(scaled, g_t).reshape(first.shape)
+                grads[6] = batched_matmul(scaled.view(g, t_g, o_g * x), g_t).reshape(first.shape)
 
         if pointwise is not None:
             e = pointwise.shape[1] // i_g

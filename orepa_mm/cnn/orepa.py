@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .kernels import compose_stacked, frequency_prior, grouped_identity, pad_to_kernel_size
 from .kxk_kernel import OREPAKxKKernel
+from .pair_kernel import OREPA1x1Kernel
 from .reparam_conv import ReparamConv2d
 
 #: The k x k block's branches, in the row order of its scale vector (the authors' order).
@@ -259,9 +260,9 @@ class OREPAConv1x1(_StockWeightLoadingMixin, ReparamConv2d):
 
     def generate_kernel(self) -> Tensor:
         scales = self.branch_scales
-        second = self.linear_second.flatten(1) * scales[1].view(-1, 1)
-        kernel = torch.addmm(self.origin.flatten(1) * scales[0].view(-1, 1), second,
-                             self.linear_first.flatten(1))
+        kernel = OREPA1x1Kernel.apply(self.origin.flatten(1), scales[0],
+                                      self.linear_second.flatten(1),
+                                      self.linear_first.flatten(1), scales[1])
         return kernel.view(self.out_channels, self.in_channels, 1, 1)
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:

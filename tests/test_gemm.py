@@ -1,0 +1,64 @@
+"""The kernel-generation matrix products: oneDNN path == torch.mm, and the fp32 layers match
+float64 (the online/offline tests run in float64, which takes the torch.mm fallback)."""
+import pytest
+import torch
+
+from orepa_mm.cnn import OREPAConv1x1, OREPAConv2d
+from orepa_mm.cnn.gemm import batched_matmul, matmul, uses_onednn
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize('m,k,n', [(3, 5, 7), (72, 16, 24), (288, 64, 40)])
+@pytest.mark.parametrize('transpose_a', [False, True])
+@pytest.mark.parametrize('transpose_b', [False, True])
+def test_matmul_matches_float64(m, k, n, transpose_a, transpose_b):
+    torch.manual_seed(0)
+    a = torch.randn(k, m).t() if transpose_a else torch.randn(m, k)
+    b = torch.randn(n, k).t() if transpose_b else torch.randn(k, n)
+    out = matmul(a, b)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert _rel_err(out.double(), a.double() @ b.double()) < 1e-6
+    assert matmul(a.double(), b.double()).dtype == torch.float64
+
+
+def test_batched_matmul_matches_bmm():
+    torch.manual_seed(0)
+    for batch in (1, 4):
+        a, b = torch.randn(batch, 30, 8), torch.randn(batch, 20, 8).transpose(1, 2)
+        assert _rel_err(batched_matmul(a, b).double(), torch.bmm(a.double(), b.double())) < 1e-6
+
+
+def test_cpu_float32_uses_onednn_when_torch_has_it():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip('this torch has no oneDNN')
+    assert uses_onednn(torch.ones(2, 2))
+    assert not uses_onednn(torch.ones(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('layer_fn', [
+    lambda: OREPAConv2d(24, 40, 3),
+    lambda: OREPAConv2d(40, 24, 3, groups=4),
+    lambda: OREPAConv1x1(24, 40),
+    lambda: OREPAConv1x1(40, 24),
+])
+def test_float32_kernel_and_gradients_match_float64(layer_fn):
+    """The fp32 path (oneDNN products) against the same layer in float64 (torch.mm)."""
+    torch.manual_seed(0)
+    layer = layer_fn()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p))
+    grad = torch.randn(layer.out_channels, layer.in_channels // layer.groups,
+                       *layer.kernel_size)
+    names = [n for n, _ in layer.named_parameters()]
+    kernel32 = layer.generate_kernel()
+    grads32 = torch.autograd.grad(kernel32, list(layer.parameters()), grad)
+    layer64 = layer.double()
+    kernel64 = layer64.generate_kernel()
+    grads64 = torch.autograd.grad(kernel64, list(layer64.parameters()), grad.double())
+    assert _rel_err(kernel32.double(), kernel64) < 1e-5
+    for name, g32, g64 in zip(names, grads32, grads64):
+        assert _rel_err(g32.double(), g64) < 1e-5, name
