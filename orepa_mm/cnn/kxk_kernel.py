@@ -78,12 +78,14 @@ class OREPAKxKKernel(torch.autograd.Function):
             grads[1] = (g3 * origin.view(o, i_g, x)).sum((1, 2))
 
         if mats is not None:
-            # h[o, i, b] = sum_x G[o, i, x] P_b[o, x]
-            h = torch.bmm(g3, patterns.permute(1, 2, 0))
+            # h[o, b, i] = sum_x P_b[o, x] G[o, i, x]; with I as the long output axis the
+            # batched product is ~2x faster than with (I, nb) outputs.
+            h = torch.bmm(patterns.transpose(0, 1), g3.transpose(1, 2)).transpose(0, 1)
             if needs[2]:
-                grads[2] = (h * v_small.t().unsqueeze(1)).permute(2, 0, 1)
+                grads[2] = torch.empty_like(mats)
+                torch.mul(h, v_small.unsqueeze(-1), out=grads[2])
             if needs[4]:
-                grads[4] = (h * mats.permute(1, 2, 0)).sum(1).t()
+                grads[4] = (h * mats).sum(2)
 
         if second is not None:
             t_g, o_g = second.shape[1], o // g
