@@ -62,3 +62,14 @@ def test_float32_kernel_and_gradients_match_float64(layer_fn):
     assert _rel_err(kernel32.double(), kernel64) < 1e-5
     for name, g32, g64 in zip(names, grads32, grads64):
         assert _rel_err(g32.double(), g64) < 1e-5, name
+
+
+@pytest.mark.parametrize('layer_fn', [lambda: OREPAConv2d(8, 8, 3), lambda: OREPAConv1x1(8, 8)])
+def test_second_derivatives_are_refused(layer_fn):
+    """The analytic backward is not differentiable: say so instead of a wrong result."""
+    layer = layer_fn()
+    kernel = layer.generate_kernel()
+    grads = torch.autograd.grad(kernel.square().sum(), list(layer.parameters()),
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        grads[0].sum().backward()

@@ -3,9 +3,11 @@
 Generating the squeezed kernel runs every training step, so its cost is OREPA's overhead.
 Written with plain autograd, each branch keeps a full-size scaled temporary alive for the
 backward pass and the generator is ~40 small ops. This function saves only its inputs (the
-parameters, which live anyway), sums the branches (computed by :mod:`.kernels`) into one
-output buffer, and computes all gradients with a handful of (batched) matrix products: same FLOPs as autograd's, no extra
-memory, fewer passes over kernel-sized tensors.
+parameters, which live anyway), sums the branches into one output buffer, and computes all
+gradients with a handful of (batched) matrix products: same FLOPs as autograd's, no extra
+memory, fewer passes over kernel-sized tensors. The large products run on :mod:`.gemm`
+(oneDNN on CPU). Not twice differentiable: ``once_differentiable`` says so instead of
+returning wrong second derivatives.
 
 The kernel, for output channel o, per group (I_g = in/groups, X = k * k):
 
@@ -21,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .gemm import batched_matmul
 from .kernels import depthwise_pointwise_to_kernel
@@ -61,6 +64,7 @@ class OREPAKxKKernel(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         (origin, v_origin, mats, patterns, v_small, second, first, v_compose, pointwise,
          depthwise, v_dws) = ctx.saved_tensors
