@@ -33,11 +33,14 @@ class OREPAKxKKernel(torch.autograd.Function):
     """See the module docstring. Inputs with an unused branch are None."""
 
     @staticmethod
-    def forward(ctx, origin: Tensor, v_origin: Tensor,
-                mats: Optional[Tensor], patterns: Optional[Tensor], v_small: Optional[Tensor],
-                second: Optional[Tensor], first: Optional[Tensor], v_compose: Optional[Tensor],
-                pointwise: Optional[Tensor], depthwise: Optional[Tensor],
-                v_dws: Optional[Tensor], groups: int) -> Tensor:
+    def forward(ctx, origin: Tensor, v_origin: Tensor, avg: Optional[Tensor],
+                prior: Optional[Tensor], one: Optional[Tensor], patterns: Optional[Tensor],
+                v_small: Optional[Tensor], second: Optional[Tensor],
+                residual: Optional[Tensor], identity: Optional[Tensor],
+                v_compose: Optional[Tensor], pointwise: Optional[Tensor],
+                depthwise: Optional[Tensor], v_dws: Optional[Tensor], groups: int) -> Tensor:
+        mats = _stack_matrices(avg, prior, one)
+        first = _first_factor(residual, identity)
         o, i_g = origin.shape[:2]
         x = origin.shape[-1] * origin.shape[-2]
         out = origin * v_origin.view(-1, 1, 1, 1)
@@ -59,37 +62,46 @@ class OREPAKxKKernel(torch.autograd.Function):
             out += depthwise_pointwise_to_kernel(
                 depthwise, pointwise.flatten(1) * v_dws.view(-1, 1), in_channels, groups)
         ctx.groups = groups
-        ctx.save_for_backward(origin, v_origin, mats, patterns, v_small, second, first,
-                              v_compose, pointwise, depthwise, v_dws)
+        # Only inputs are saved (parameters and buffers, alive anyway); the stacked matrices
+        # and the first factor are rebuilt in backward rather than kept for it.
+        ctx.save_for_backward(origin, v_origin, avg, prior, one, patterns, v_small, second,
+                              residual, identity, v_compose, pointwise, depthwise, v_dws)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (origin, v_origin, mats, patterns, v_small, second, first, v_compose, pointwise,
-         depthwise, v_dws) = ctx.saved_tensors
+        (origin, v_origin, avg, prior, one, patterns, v_small, second, residual, identity,
+         v_compose, pointwise, depthwise, v_dws) = ctx.saved_tensors
+        mats = _stack_matrices(avg, prior, one)
+        first = _first_factor(residual, identity)
         g = ctx.groups
         o, i_g = origin.shape[:2]
         x = origin.shape[-1] * origin.shape[-2]
         grad = grad.contiguous()
         g3 = grad.view(o, i_g, x)
-        grads = [None] * 12
-        needs = ctx.needs_input_grad
+        # Gradients by name; mapped onto the inputs at the end.
+        grads = {}
+        needs = dict(origin=ctx.needs_input_grad[0], v_origin=ctx.needs_input_grad[1],
+                     mats=any(ctx.needs_input_grad[2:5]), v_small=ctx.needs_input_grad[6],
+                     second=ctx.needs_input_grad[7], first=ctx.needs_input_grad[8],
+                     v_compose=ctx.needs_input_grad[10], pointwise=ctx.needs_input_grad[11],
+                     depthwise=ctx.needs_input_grad[12], v_dws=ctx.needs_input_grad[13])
 
-        if needs[0]:
-            grads[0] = grad * v_origin.view(-1, 1, 1, 1)
-        if needs[1]:
-            grads[1] = (g3 * origin.view(o, i_g, x)).sum((1, 2))
+        if needs['origin']:
+            grads['origin'] = grad * v_origin.view(-1, 1, 1, 1)
+        if needs['v_origin']:
+            grads['v_origin'] = (g3 * origin.view(o, i_g, x)).sum((1, 2))
 
         if mats is not None:
             # h[o, b, i] = sum_x P_b[o, x] G[o, i, x]; with I as the long output axis the
             # batched product is ~2x faster than with (I, nb) outputs.
             h = torch.bmm(patterns.transpose(0, 1), g3.transpose(1, 2)).transpose(0, 1)
-            if needs[2]:
-                grads[2] = torch.empty_like(mats)
-                torch.mul(h, v_small.unsqueeze(-1), out=grads[2])
-            if needs[4]:
-                grads[4] = (h * mats).sum(2)
+            if needs['mats']:
+                grads['mats'] = torch.empty_like(mats)
+                torch.mul(h, v_small.unsqueeze(-1), out=grads['mats'])
+            if needs['v_small']:
+                grads['v_small'] = (h * mats).sum(2)
 
         if second is not None:
             t_g, o_g = second.shape[1], o // g
@@ -99,18 +111,18 @@ class OREPAKxKKernel(torch.autograd.Function):
             h = batched_matmul(g_t, first.reshape(g, t_g, i_g).transpose(1, 2))
             h = h.view(o, x, t_g).transpose(1, 2).contiguous()
             second3 = second.reshape(o, t_g, x)
-            if needs[7]:
-                grads[7] = (h * second3).sum((1, 2))
-            if needs[5]:
-                grads[5] = h.mul_(v_compose.view(-1, 1, 1)).view(second.shape)
-            if needs[6]:
+            if needs['v_compose']:
+                grads['v_compose'] = (h * second3).sum((1, 2))
+            if needs['second']:
+                grads['second'] = h.mul_(v_compose.view(-1, 1, 1)).view(second.shape)
+            if needs['first']:
                 # v[o] C2[o, t, x] with t first, (g, T_g, O_g * X): the product below then
                 # contracts the contiguous axis of one operand and the outer axis of the other.
                 scaled = torch.empty(g, t_g, o_g, x, dtype=grad.dtype, device=grad.device)
                 torch.mul(second3.view(g, o_g, t_g, x).transpose(1, 2),
                           v_compose.view(g, 1, o_g, 1), out=scaled)
                 # dM[t, i] = sum_{o, x} v[o] C2[o, t, x] G[o, i, x]
-                grads[6] = batched_matmul(scaled.view(g, t_g, o_g * x), g_t).reshape(first.shape)
+                grads['first'] = batched_matmul(scaled.view(g, t_g, o_g * x), g_t).reshape(first.shape)
 
         if pointwise is not None:
             e = pointwise.shape[1] // i_g
@@ -121,13 +133,36 @@ class OREPAKxKKernel(torch.autograd.Function):
             # h[o, i, e] = sum_x G[o, i, x] DW[i, e, x]
             h = torch.bmm(g_i, dw.transpose(1, 2))  # (g * I_g, O_g, E)
             h = h.reshape(g, i_g, o_g, e).permute(0, 2, 1, 3).reshape(o, i_g, e)
-            if needs[8]:
-                grads[8] = (h * v_dws.view(-1, 1, 1)).reshape(pointwise.shape)
-            if needs[10]:
-                grads[10] = (h * pw).sum((1, 2))
-            if needs[9]:
+            if needs['pointwise']:
+                grads['pointwise'] = (h * v_dws.view(-1, 1, 1)).reshape(pointwise.shape)
+            if needs['v_dws']:
+                grads['v_dws'] = (h * pw).sum((1, 2))
+            if needs['depthwise']:
                 scaled = (pw * v_dws.view(-1, 1, 1)).reshape(g, o_g, i_g, e)
                 scaled = scaled.permute(0, 2, 3, 1).reshape(g * i_g, e, o_g)
                 # dDW[i, e, x] = sum_o v[o] PW[o, i, e] G[o, i, x]
-                grads[9] = torch.bmm(scaled, g_i).reshape(depthwise.shape)
-        return tuple(grads)
+                grads['depthwise'] = torch.bmm(scaled, g_i).reshape(depthwise.shape)
+
+        small = [None, None, None]
+        if 'mats' in grads:
+            present = [j for j, m in enumerate((avg, prior, one)) if m is not None]
+            for j, gm in zip(present, grads['mats']):
+                small[j] = gm.view((avg, prior, one)[j].shape)
+        first_grad = grads.get('first')
+        return (grads.get('origin'), grads.get('v_origin'), *small, None,
+                grads.get('v_small'), grads.get('second'),
+                None if first_grad is None else first_grad.view(residual.shape), None,
+                grads.get('v_compose'), grads.get('pointwise'), grads.get('depthwise'),
+                grads.get('v_dws'), None)
+
+
+def _stack_matrices(avg: Optional[Tensor], prior: Optional[Tensor],
+                    one: Optional[Tensor]) -> Optional[Tensor]:
+    """The 1x1 matrices of the present pattern branches, (nb, O, I_g)."""
+    present = [m.flatten(1) for m in (avg, prior, one) if m is not None]
+    return torch.stack(present) if present else None
+
+
+def _first_factor(residual: Optional[Tensor], identity: Optional[Tensor]) -> Optional[Tensor]:
+    """M = identity + residual, the first (1 x 1) factor of the 1x1 -> k x k branch."""
+    return None if residual is None else residual.flatten(1) + identity

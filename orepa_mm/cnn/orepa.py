@@ -185,21 +185,20 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
     def generate_kernel(self) -> Tensor:
         scales = self.branch_scales
         rows = self.branches.index
-        mats = v_small = None
-        if self.small_branches:
-            mats = torch.stack([getattr(self, SMALL_BRANCH_PARAMS[b]).flatten(1)
-                                for b in self.small_branches])
-            v_small = scales.index_select(0, self.small_rows)
-        second = first = v_compose = None
+        v_small = scales.index_select(0, self.small_rows) if self.small_branches else None
+        second = residual = v_compose = None
         if '1x1_kxk' in self.branches:
-            second, v_compose = self.expand_kxk, scales[rows('1x1_kxk')]
-            first = self.expand_1x1_residual.flatten(1) + self.expand_identity
+            second, residual = self.expand_kxk, self.expand_1x1_residual
+            v_compose = scales[rows('1x1_kxk')]
         pointwise = depthwise = v_dws = None
         if 'dws' in self.branches:
             pointwise, depthwise, v_dws = self.pw_1x1, self.dw_kxk, scales[rows('dws')]
-        return OREPAKxKKernel.apply(self.origin, scales[0], mats, self.small_patterns, v_small,
-                                    second, first, v_compose, pointwise, depthwise, v_dws,
-                                    self.groups)
+        return OREPAKxKKernel.apply(
+            self.origin, scales[0], getattr(self, 'avg_1x1', None),
+            getattr(self, 'prior_1x1', None), getattr(self, 'conv_1x1', None),
+            self.small_patterns, v_small, second, residual,
+            getattr(self, 'expand_identity', None), v_compose, pointwise, depthwise, v_dws,
+            self.groups)
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
         state = {name: p.detach().clone() for name, p in self.named_parameters()}
