@@ -21,4 +21,4 @@ benchmark: install
 	$(PY) tools/benchmark.py
 
 clean:
-	rm -rf $(VENV) work_dirs data/demo
+	rm -rf $(VENV) work_dirs data/demo build orepa_mm/_kxk_kernel_ops*.so

@@ -5,7 +5,8 @@
 #   PYTHON   interpreter of the target environment (make install passes .venv/bin/python).
 #
 # Order matters: torch+torchvision -> mmengine -> mmcv (built from source with ops, cached)
-# -> mmdet / mmsegmentation / mmpretrain -> test tools -> orepa_mm (editable).
+# -> mmdet / mmsegmentation / mmpretrain -> test tools -> orepa_mm (editable) -> its fused
+# CPU kernel ops (compiled in place).
 # Every step first checks whether what it would install is already there, so a second run
 # takes seconds.
 #
@@ -100,4 +101,15 @@ if ! have 'import mmdet, mmseg, mmpretrain, ftfy, regex, pycocotools, pytest, hy
   pip_ install -q --no-build-isolation --no-deps -e "$ROOT"
 fi
 ensure_build_tools
+
+# 6. The fused CPU loops of kernel generation (orepa_mm/csrc, ~30 s to compile). Optional:
+#    without them orepa_mm uses its PyTorch path (same numbers, slower on CPU).
+if ! have 'import orepa_mm._kxk_kernel_ops'; then
+  say "fused CPU kernel ops (orepa_mm/csrc)"
+  LOG="$ROOT/build/kxk_kernel_ops.log"
+  mkdir -p "$ROOT/build"
+  if ! (cd "$ROOT" && "$PY" setup.py build_ext --inplace) >"$LOG" 2>&1; then
+    say "warning: the fused kernel ops did not compile (see $LOG); orepa_mm falls back to PyTorch ops."
+  fi
+fi
 say "ready: $("$PY" -W ignore -c 'import pkg_resources, torch, mmcv, mmdet, mmseg, mmpretrain; print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}")')"

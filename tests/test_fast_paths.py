@@ -1,9 +1,15 @@
-"""The kernel-generation matrix products: oneDNN path == torch.mm, and the fp32 layers match
-float64 (the online/offline tests run in float64, which takes the torch.mm fallback)."""
+"""The fast CPU paths of kernel generation against the reference path.
+
+The online/offline tests run in float64, which takes the PyTorch reference path (torch.mm,
+no fused loops). Here float32 layers, which take oneDNN's GEMM and the fused loops of
+orepa_mm/csrc, must match the same layers in float64."""
+import os
+
 import pytest
 import torch
 
-from orepa_mm.cnn import OREPAConv1x1, OREPAConv2d
+from orepa_mm.cnn import OREPA_VGG_BRANCHES, OREPAConv1x1, OREPAConv2d
+from orepa_mm.cnn.fused_ops import KXK_KERNEL_OPS, fused_kxk_ops
 from orepa_mm.cnn.gemm import batched_matmul, matmul, uses_onednn
 
 
@@ -31,6 +37,20 @@ def test_batched_matmul_matches_bmm():
         assert _rel_err(batched_matmul(a, b).double(), torch.bmm(a.double(), b.double())) < 1e-6
 
 
+def test_fused_loops_serve_ungrouped_float32_cpu_layers():
+    """Built by make install; then every ungrouped fp32 CPU k x k layer up to 7 x 7 uses it."""
+    if KXK_KERNEL_OPS is None:
+        message = 'orepa_mm._kxk_kernel_ops is not built (make install builds it)'
+        if os.environ.get('OREPA_MM_REQUIRE_FUSED_OPS'):
+            pytest.fail(message)
+        pytest.skip(message)
+    kernel = torch.zeros(4, 4, 3, 3)
+    assert fused_kxk_ops(kernel, groups=1, expand=8) is KXK_KERNEL_OPS
+    assert fused_kxk_ops(kernel, groups=2, expand=8) is None
+    assert fused_kxk_ops(kernel.double(), groups=1, expand=8) is None
+    assert fused_kxk_ops(torch.zeros(4, 4, 9, 9), groups=1, expand=8) is None
+
+
 def test_cpu_float32_uses_onednn_when_torch_has_it():
     if not torch.backends.mkldnn.is_available():
         pytest.skip('this torch has no oneDNN')
@@ -40,6 +60,11 @@ def test_cpu_float32_uses_onednn_when_torch_has_it():
 
 @pytest.mark.parametrize('layer_fn', [
     lambda: OREPAConv2d(24, 40, 3),
+    lambda: OREPAConv2d(40, 24, 5, internal_channels=16, expand_ratio=3),
+    lambda: OREPAConv2d(24, 24, 3, branches=OREPA_VGG_BRANCHES),
+    lambda: OREPAConv2d(16, 24, 3, branches=('origin', '1x1_kxk')),
+    lambda: OREPAConv2d(16, 24, 3, branches=('origin', 'avg', 'dws')),
+    lambda: OREPAConv2d(16, 16, 3, branches=('origin', )),
     lambda: OREPAConv2d(40, 24, 3, groups=4),
     lambda: OREPAConv1x1(24, 40),
     lambda: OREPAConv1x1(40, 24),

@@ -1,0 +1,314 @@
+// Fused CPU loops of the k x k OREPA kernel generator (float32, groups = 1).
+//
+// Why: after the large products (oneDNN), the rest of kernel generation is a dozen
+// element-wise passes, small batched products and layout copies over kernel-sized tensors,
+// each streaming megabytes through memory. These loops do the same arithmetic in one pass
+// per direction, one output channel at a time, with everything of that channel in cache. The
+// pure PyTorch path in kxk_kernel.py is the reference (and the path on CUDA, for float64
+// bakes, grouped layers, or when this extension is not built); tests check they agree.
+//
+// Layouts (all contiguous): kernel and its gradient (O, I, X) with X = k * k; pattern
+// matrices A (nb, O, I), their fixed patterns P (nb, O, X), scales v_small (nb, O);
+// pointwise PW (O, I, E), depthwise DW (I, E, X); composed and g_t (O, X, I); the k x k
+// factor of the composition C2 (O, T, X).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+// The per-channel loops are compiled twice, for AVX2/FMA machines and for any x86-64, and
+// the loader picks the one the CPU supports (GCC/Clang function multi-versioning).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define OREPA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define OREPA_CLONES
+#endif
+
+namespace {
+
+using torch::Tensor;
+using OptTensor = c10::optional<Tensor>;
+constexpr int64_t kMaxTaps = 64;  // k <= 7
+
+const float* ptr_or_null(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void check(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+void check(const OptTensor& t, const char* name) {
+  if (t.has_value()) check(*t, name);
+}
+
+// One output channel of the kernel: dst (I, X).
+OREPA_CLONES void assemble_channel(int64_t I, int64_t X, int64_t nb, int64_t E,
+                                   float* __restrict__ dst, const float* __restrict__ w0,
+                                   float v0, const float* __restrict__ a, int64_t a_stride,
+                                   const float* __restrict__ q, const float* __restrict__ pw,
+                                   const float* __restrict__ dw, float vd,
+                                   const float* __restrict__ comp) {
+  float acc[kMaxTaps];
+  for (int64_t i = 0; i < I; ++i) {
+    for (int64_t x = 0; x < X; ++x) acc[x] = v0 * w0[i * X + x];
+    for (int64_t b = 0; b < nb; ++b) {
+      const float m = a[b * a_stride + i];
+      for (int64_t x = 0; x < X; ++x) acc[x] += m * q[b * X + x];
+    }
+    if (pw != nullptr) {
+      for (int64_t e = 0; e < E; ++e) {
+        const float pe = vd * pw[i * E + e];
+        const float* d = dw + (i * E + e) * X;
+        for (int64_t x = 0; x < X; ++x) acc[x] += pe * d[x];
+      }
+    }
+    if (comp != nullptr)
+      for (int64_t x = 0; x < X; ++x) acc[x] += comp[x * I + i];
+    for (int64_t x = 0; x < X; ++x) dst[i * X + x] = acc[x];
+  }
+}
+
+// out[o,i,:] = v0[o] W0[o,i,:] + sum_b v_b[o] A[b,o,i] P[b,o,:]
+//            + v_d[o] sum_e PW[o,i,e] DW[i,e,:] + composed[o,:,i]   (composed is pre-scaled)
+Tensor assemble(const Tensor& origin, const Tensor& v_origin, const OptTensor& mats,
+                const OptTensor& patterns, const OptTensor& v_small, const OptTensor& composed,
+                const OptTensor& pointwise, const OptTensor& depthwise,
+                const OptTensor& v_dws) {
+  check(origin, "origin");
+  check(v_origin, "v_origin");
+  check(mats, "mats");
+  check(patterns, "patterns");
+  check(v_small, "v_small");
+  check(composed, "composed");
+  check(pointwise, "pointwise");
+  check(depthwise, "depthwise");
+  check(v_dws, "v_dws");
+  const int64_t O = origin.size(0), I = origin.size(1), X = origin.size(2);
+  TORCH_CHECK(X <= kMaxTaps, "kernel sizes up to 7 x 7 only");
+  const int64_t nb = mats.has_value() ? mats->size(0) : 0;
+  const int64_t E = pointwise.has_value() ? pointwise->size(2) : 0;
+  Tensor out = torch::empty_like(origin);
+  const float *w0 = origin.data_ptr<float>(), *v0 = v_origin.data_ptr<float>();
+  const float *a = ptr_or_null(mats), *pat = ptr_or_null(patterns), *vs = ptr_or_null(v_small);
+  const float* comp = ptr_or_null(composed);
+  const float *pw = ptr_or_null(pointwise), *dw = ptr_or_null(depthwise), *vd = ptr_or_null(v_dws);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(std::max<int64_t>(nb * X, 1));
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t x = 0; x < X; ++x) q[b * X + x] = vs[b * O + o] * pat[(b * O + o) * X + x];
+      assemble_channel(I, X, nb, E, dst + o * I * X, w0 + o * I * X, v0[o],
+                       a == nullptr ? nullptr : a + o * I, O * I, q.data(),
+                       pw == nullptr ? nullptr : pw + o * I * E, dw,
+                       vd == nullptr ? 0.f : vd[o],
+                       comp == nullptr ? nullptr : comp + o * X * I);
+    }
+  });
+  return out;
+}
+
+// One output channel of the backward pass over G; partial sums returned through acc_*.
+OREPA_CLONES void branch_backward_channel(
+    int64_t I, int64_t X, int64_t nb, int64_t E, const float* __restrict__ g,
+    const float* __restrict__ w0, float v0, float* __restrict__ d0, float* __restrict__ acc0,
+    const float* __restrict__ a, int64_t a_stride, const float* __restrict__ p,
+    int64_t p_stride, const float* __restrict__ vs, int64_t vs_stride, float* __restrict__ da,
+    float* __restrict__ acc_small, const float* __restrict__ pw, const float* __restrict__ dwt,
+    float vd, float* __restrict__ dpw, float* __restrict__ acc_dws, float* __restrict__ ddwt,
+    float* __restrict__ gt) {
+  float h[kMaxTaps];
+  float pe[kMaxTaps];
+  for (int64_t i = 0; i < I; ++i) {
+    const float* gv = g + i * X;
+    float s0 = 0.f;
+    for (int64_t x = 0; x < X; ++x) {
+      d0[i * X + x] = v0 * gv[x];
+      s0 += gv[x] * w0[i * X + x];
+    }
+    *acc0 += s0;
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int64_t x = 0; x < X; ++x) s += gv[x] * p[b * p_stride + x];
+      da[b * a_stride + i] = vs[b * vs_stride] * s;
+      acc_small[b] += a[b * a_stride + i] * s;
+    }
+    if (pw != nullptr) {
+      // Vectorised over e: DW and its gradient are kept taps-first, (I, X, E).
+      const float* dwi = dwt + i * X * E;
+      float* ddi = ddwt + i * X * E;
+      for (int64_t e = 0; e < E; ++e) h[e] = 0.f;
+      for (int64_t x = 0; x < X; ++x)
+        for (int64_t e = 0; e < E; ++e) h[e] += gv[x] * dwi[x * E + e];
+      for (int64_t e = 0; e < E; ++e) {
+        dpw[i * E + e] = vd * h[e];
+        acc_dws[e] += pw[i * E + e] * h[e];
+        pe[e] = vd * pw[i * E + e];
+      }
+      for (int64_t x = 0; x < X; ++x)
+        for (int64_t e = 0; e < E; ++e) ddi[x * E + e] += gv[x] * pe[e];
+    }
+    if (gt != nullptr)
+      for (int64_t x = 0; x < X; ++x) gt[x * I + i] = gv[x];
+  }
+}
+
+// One pass over the kernel gradient G (O, I, X): the gradients of the origin, pattern and
+// depthwise-separable branches, and G with the taps first, g_t (O, X, I), for the composed
+// branch's products (an empty tensor when with_transposed is false).
+std::vector<Tensor> branch_backward(const Tensor& grad, const Tensor& origin,
+                                    const Tensor& v_origin, const OptTensor& mats,
+                                    const OptTensor& patterns, const OptTensor& v_small,
+                                    const OptTensor& pointwise, const OptTensor& depthwise,
+                                    const OptTensor& v_dws, bool with_transposed) {
+  check(grad, "grad");
+  check(origin, "origin");
+  check(v_origin, "v_origin");
+  check(mats, "mats");
+  check(patterns, "patterns");
+  check(v_small, "v_small");
+  check(pointwise, "pointwise");
+  check(depthwise, "depthwise");
+  check(v_dws, "v_dws");
+  const int64_t O = origin.size(0), I = origin.size(1), X = origin.size(2);
+  TORCH_CHECK(X <= kMaxTaps, "kernel sizes up to 7 x 7 only");
+  const int64_t nb = mats.has_value() ? mats->size(0) : 0;
+  const int64_t E = pointwise.has_value() ? pointwise->size(2) : 0;
+  TORCH_CHECK(E <= kMaxTaps, "depthwise expansion up to 64 only");
+  auto opts = origin.options();
+  Tensor d_origin = torch::empty_like(origin), dv_origin = torch::empty({O}, opts);
+  Tensor d_mats = torch::empty({nb, O, I}, opts), dv_small = torch::empty({nb, O}, opts);
+  Tensor d_pw = torch::empty({O, I, E}, opts), dv_dws = torch::empty({O}, opts);
+  Tensor g_t = with_transposed ? torch::empty({O, X, I}, opts) : torch::empty({0}, opts);
+  const int threads = at::get_num_threads();
+  // Depthwise gradients sum over output channels: one taps-first partial sum per thread.
+  Tensor dwt = E > 0 ? depthwise->transpose(1, 2).contiguous() : torch::empty({0}, opts);
+  Tensor ddwt_partial = torch::zeros({E > 0 ? threads : 0, I, X, E}, opts);
+
+  const float *g = grad.data_ptr<float>(), *w0 = origin.data_ptr<float>();
+  const float *v0 = v_origin.data_ptr<float>();
+  const float *a = ptr_or_null(mats), *pat = ptr_or_null(patterns), *vs = ptr_or_null(v_small);
+  const float *pw = ptr_or_null(pointwise), *vd = ptr_or_null(v_dws);
+  const float* dwt_p = E > 0 ? dwt.data_ptr<float>() : nullptr;
+  float *d0 = d_origin.data_ptr<float>(), *dv0 = dv_origin.data_ptr<float>();
+  float *da = d_mats.data_ptr<float>(), *dvs = dv_small.data_ptr<float>();
+  float *dpw = d_pw.data_ptr<float>(), *dvd = dv_dws.data_ptr<float>();
+  float* gt = with_transposed ? g_t.data_ptr<float>() : nullptr;
+  float* ddwt_all = E > 0 ? ddwt_partial.data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    float* ddwt = ddwt_all == nullptr ? nullptr : ddwt_all + at::get_thread_num() * I * X * E;
+    std::vector<float> acc_small(std::max<int64_t>(nb, 1));
+    std::vector<float> acc_dws(std::max<int64_t>(E, 1));
+    for (int64_t o = begin; o < end; ++o) {
+      float acc0 = 0.f;
+      std::fill(acc_small.begin(), acc_small.end(), 0.f);
+      std::fill(acc_dws.begin(), acc_dws.end(), 0.f);
+      branch_backward_channel(
+          I, X, nb, E, g + o * I * X, w0 + o * I * X, v0[o], d0 + o * I * X, &acc0,
+          a == nullptr ? nullptr : a + o * I, O * I, pat == nullptr ? nullptr : pat + o * X,
+          O * X, vs == nullptr ? nullptr : vs + o, O, da + o * I, acc_small.data(),
+          pw == nullptr ? nullptr : pw + o * I * E, dwt_p, vd == nullptr ? 0.f : vd[o],
+          dpw + o * I * E, acc_dws.data(), ddwt, gt == nullptr ? nullptr : gt + o * X * I);
+      dv0[o] = acc0;
+      for (int64_t b = 0; b < nb; ++b) dvs[b * O + o] = acc_small[b];
+      if (pw != nullptr) {
+        float s = 0.f;
+        for (int64_t e = 0; e < E; ++e) s += acc_dws[e];
+        dvd[o] = s;
+      }
+    }
+  });
+  Tensor d_dw = E > 0 ? ddwt_partial.sum(0).transpose(1, 2).contiguous()
+                      : torch::empty({0}, opts);
+  return {d_origin, dv_origin, d_mats, dv_small, d_pw, d_dw, dv_dws, g_t};
+}
+
+// (O, T, X) -> v[o] * C2 with its taps first, (O, X, T), for the composing products.
+Tensor taps_first_scaled(const Tensor& second, const Tensor& scale) {
+  check(second, "second");
+  check(scale, "scale");
+  const int64_t O = second.size(0), T = second.size(1), X = second.size(2);
+  Tensor out = torch::empty({O, X, T}, second.options());
+  const float *s = second.data_ptr<float>(), *v = scale.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t x = 0; x < X; ++x) d[(o * X + x) * T + t] = v[o] * s[(o * T + t) * X + x];
+  });
+  return out;
+}
+
+// (O, T, X) -> v[o] * C2 laid out (T, O, X), for the product that gives the first factor's
+// gradient. A transpose of 9-float runs, done in tiles so that reads and writes both stay
+// within a few pages.
+Tensor t_major_scaled(const Tensor& second, const Tensor& scale) {
+  check(second, "second");
+  check(scale, "scale");
+  const int64_t O = second.size(0), T = second.size(1), X = second.size(2);
+  constexpr int64_t kTileO = 16, kTileT = 64;
+  Tensor out = torch::empty({T, O, X}, second.options());
+  const float *s = second.data_ptr<float>(), *v = scale.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  const int64_t o_tiles = (O + kTileO - 1) / kTileO;
+  at::parallel_for(0, o_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t o0 = tile * kTileO, o1 = std::min(O, o0 + kTileO);
+      for (int64_t t0 = 0; t0 < T; t0 += kTileT) {
+        const int64_t t1 = std::min(T, t0 + kTileT);
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t x = 0; x < X; ++x)
+              d[(t * O + o) * X + x] = v[o] * s[(o * T + t) * X + x];
+      }
+    }
+  });
+  return out;
+}
+
+// From h (O, X, T), the unscaled gradient of C2 with its taps first: dC2 (O, T, X) and the
+// gradient of the branch scale.
+std::vector<Tensor> compose_backward(const Tensor& h, const Tensor& second,
+                                     const Tensor& v_compose) {
+  check(h, "h");
+  check(second, "second");
+  check(v_compose, "v_compose");
+  const int64_t O = second.size(0), T = second.size(1), X = second.size(2);
+  Tensor d_second = torch::empty_like(second), dv = torch::empty({O}, second.options());
+  const float *hp = h.data_ptr<float>(), *s = second.data_ptr<float>();
+  const float* v = v_compose.data_ptr<float>();
+  float *ds = d_second.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      float acc = 0.f;
+      const float* ho = hp + o * X * T;
+      const float* so = s + o * T * X;
+      float* dso = ds + o * T * X;
+      for (int64_t x = 0; x < X; ++x) {
+        for (int64_t t = 0; t < T; ++t) {
+          dso[t * X + x] = v[o] * ho[x * T + t];
+          acc += ho[x * T + t] * so[t * X + x];
+        }
+      }
+      dvp[o] = acc;
+    }
+  });
+  return {d_second, dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused CPU loops of the k x k OREPA kernel generator (float32, groups = 1).";
+  m.def("assemble", &assemble, "The squeezed kernel from origin, pattern, dws and composed terms");
+  m.def("branch_backward", &branch_backward,
+        "Origin / pattern / dws gradients and the taps-first kernel gradient, in one pass");
+  m.def("taps_first_scaled", &taps_first_scaled, "(O, T, X) -> v[o] * (O, X, T)");
+  m.def("t_major_scaled", &t_major_scaled, "(O, T, X) -> v[o] * (T, O, X)");
+  m.def("compose_backward", &compose_backward, "Gradients of the 1x1 -> k x k branch's C2");
+}
