@@ -3,15 +3,16 @@
     python tools/benchmark.py                                  # both workloads, default models
     python tools/benchmark.py --workloads cls --models resnet50 --batch-size 16 --steps 10
 
-Every (model, variant, workload) runs in a fresh process (``--worker``) so that peak memory is
-its own. Per variant: a training step (forward + backward + SGD step) as the median over
-``--steps`` steps after warm-up; peak memory (CUDA: max_memory_allocated; CPU: the process's
-peak RSS, and the part of it added by training); parameters; eval forward of the unconverted
-model (cached kernels) and of the deployed model. Prints absolute values and ratios to the
-plain model of the same run, writes JSON and a PNG bar chart. A benchmark, not a test.
+Every (model, variant, workload) runs in fresh processes (``--worker train|eval``): one
+measures a training step (forward + backward + SGD step, the median over ``--steps`` steps
+after warm-up), peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS, and the
+part of it added by training) and parameters; the other times the eval forward of the
+unconverted model (cached kernels) and of the deployed model, alternately, step by step.
+Prints absolute values and ratios to the plain model of the same run, writes JSON and a PNG
+bar chart. A benchmark, not a test.
 """
 import argparse
-import gc
+import copy
 import json
 import os
 import platform
@@ -87,18 +88,20 @@ def timed(fn, steps, warmup, device):
     return statistics.median(samples)
 
 
-def run_worker(args) -> dict:
-    """One variant in this process: measure and return a JSON-able dict."""
-    from orepa_mm.deploy import reparameterize_model
-    device = torch.device(args.device)
+def _inputs(args, device):
     torch.manual_seed(0)
-    classify = args.workload == 'cls'
     model = Wrapped(build_backbone(args.model, args.variant, args.workload), 1000,
-                    classify).to(device)
-    params = sum(p.numel() for p in model.parameters())
+                    args.workload == 'cls').to(device)
     h, w = args.input_size
     x = torch.randn(args.batch_size, 3, h, w, device=device)
     target = torch.randint(0, 1000, (args.batch_size, ), device=device)
+    return model, x, target
+
+
+def run_train_worker(args) -> dict:
+    """Training step time and peak memory of one variant, in this (fresh) process."""
+    device = torch.device(args.device)
+    model, x, target = _inputs(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -112,24 +115,40 @@ def run_worker(args) -> dict:
     model.train()
     train_s = timed(train_step, args.steps, args.warmup, device)
     peak = peak_memory_mb(device)
-    optimizer.zero_grad(set_to_none=True)
-    optimizer.state.clear()  # momentum buffers: free them before timing inference
-    gc.collect()
-    # Both inference timings run after training, in the same allocator state: timing the
-    # first forward passes of a fresh process mostly measures page faults. The unconverted
-    # model generates its kernels once and reuses them (eval cache).
-    model.eval()
+    return dict(train_step_s=train_s, peak_memory_mb=peak, train_memory_mb=peak - rss_before,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def run_eval_worker(args) -> dict:
+    """Eval forward of one variant, unconverted (cached kernels) and deployed, against plain.
+
+    Its own fresh process, never after training, and the stock plain model (as trained and
+    deployed: they differ for RepVGG) is built in the same process and timed alternately
+    with the variant, step by step: on CPU, absolute eval times differ by tens of percent
+    between processes (allocator and page-fault state), so eval ratios are only meaningful
+    within one process.
+    """
+    from orepa_mm.deploy import reparameterize_model
+    device = torch.device(args.device)
+    model, x, _ = _inputs(args, device)
+    plain, _, _ = _inputs(argparse.Namespace(**{**vars(args), 'variant': 'plain'}), device)
+    deployed, plain_deployed = copy.deepcopy(model), copy.deepcopy(plain)
+    nets = {'eval_plain_s': plain, 'eval_unconverted_s': model,
+            'eval_plain_deployed_s': plain_deployed, 'eval_deployed_s': deployed}
     with torch.no_grad():
-        eval_s = timed(lambda: model(x), args.steps, args.warmup, device)
-        reparameterize_model(model)
-        if hasattr(model.backbone, 'switch_to_deploy'):
-            model.backbone.switch_to_deploy()
-        deployed_params = sum(p.numel() for p in model.parameters())
-        deployed_s = timed(lambda: model(x), args.steps, args.warmup, device)
-    return dict(model=args.model, variant=args.variant, workload=args.workload,
-                train_step_s=train_s, eval_unconverted_s=eval_s, eval_deployed_s=deployed_s,
-                peak_memory_mb=peak, train_memory_mb=peak - rss_before, params=params,
-                deployed_params=deployed_params)
+        for net in nets.values():
+            net.eval()
+        for net in (plain_deployed, deployed):
+            reparameterize_model(net)
+            if hasattr(net.backbone, 'switch_to_deploy'):
+                net.backbone.switch_to_deploy()
+        samples = {key: [] for key in nets}
+        for step in range(args.warmup + args.steps):
+            for key, net in nets.items():
+                samples[key].append(timed(lambda: net(x), 1, 0, device))
+    result = {key: statistics.median(values[args.warmup:]) for key, values in samples.items()}
+    result['deployed_params'] = sum(p.numel() for p in deployed.parameters())
+    return result
 
 
 def environment(device: str) -> dict:
@@ -153,9 +172,12 @@ def print_table(results, env):
               f"{r['train_step_s']:>9.3f}{r['train_step_s'] / base['train_step_s']:>6.2f}x"
               f"{r['peak_memory_mb']:>9.0f}{r['peak_memory_mb'] / base['peak_memory_mb']:>6.2f}x"
               f"{r['eval_unconverted_s']:>9.3f}"
-              f"{r['eval_unconverted_s'] / base['eval_unconverted_s']:>6.2f}x"
-              f"{r['eval_deployed_s']:>9.3f}{r['eval_deployed_s'] / base['eval_deployed_s']:>6.2f}x"
+              f"{r['eval_unconverted_s'] / r['eval_plain_s']:>6.2f}x"
+              f"{r['eval_deployed_s']:>9.3f}"
+              f"{r['eval_deployed_s'] / r['eval_plain_deployed_s']:>6.2f}x"
               f"{r['params'] / 1e6:>10.1f}")
+    print('train and memory x: ratio to the plain model of this run; eval (deploy) x: ratio '
+          'to the plain model as trained (deployed), timed alternately in the same process.')
 
 
 def plot(results, path):
@@ -194,13 +216,14 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', default='work_dirs/benchmark', help='folder for JSON + PNG')
-    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--worker', choices=('train', 'eval'), help=argparse.SUPPRESS)
     parser.add_argument('--model', help=argparse.SUPPRESS)
     parser.add_argument('--variant', help=argparse.SUPPRESS)
     parser.add_argument('--workload', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(args)))
+        worker = run_train_worker if args.worker == 'train' else run_eval_worker
+        print(json.dumps(worker(args)))
         return 0
 
     results = []
@@ -211,18 +234,22 @@ def main(argv=None):
             for variant in MODELS[model]:
                 if variant not in args.variants and variant != 'plain':
                     continue
-                cmd = [sys.executable, os.path.abspath(__file__), '--worker', '--model', model,
-                       '--variant', variant, '--workload', workload, '--batch-size',
-                       str(batch), '--input-size', *map(str, size), '--steps',
-                       str(args.steps), '--warmup', str(args.warmup), '--device', args.device]
                 print(f'[benchmark] {workload} {model} {variant} (batch {batch}, {size})',
                       flush=True)
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    return 1
-                results.append(dict(json.loads(out.stdout.strip().splitlines()[-1]),
-                                    batch_size=batch, input_size=list(size)))
+                result = dict(model=model, variant=variant, workload=workload,
+                              batch_size=batch, input_size=list(size))
+                for phase in ('train', 'eval'):
+                    cmd = [sys.executable, os.path.abspath(__file__), '--worker', phase,
+                           '--model', model, '--variant', variant, '--workload', workload,
+                           '--batch-size', str(batch), '--input-size', *map(str, size),
+                           '--steps', str(args.steps), '--warmup', str(args.warmup),
+                           '--device', args.device]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        print(out.stderr[-2000:], file=sys.stderr)
+                        return 1
+                    result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                results.append(result)
     env = environment(args.device)
     print_table(results, env)
     os.makedirs(args.out, exist_ok=True)
