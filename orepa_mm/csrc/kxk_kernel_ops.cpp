@@ -45,13 +45,16 @@ void check(const OptTensor& t, const char* name) {
   if (t.has_value()) check(*t, name);
 }
 
-// One output channel of the kernel: dst (I, X).
-OREPA_CLONES void assemble_channel(int64_t I, int64_t X, int64_t nb, int64_t E,
-                                   float* __restrict__ dst, const float* __restrict__ w0,
-                                   float v0, const float* __restrict__ a, int64_t a_stride,
-                                   const float* __restrict__ q, const float* __restrict__ pw,
-                                   const float* __restrict__ dw, float vd,
-                                   const float* __restrict__ comp) {
+// One output channel of the kernel: dst (I, X). kX / kE > 0 fix X / E at compile time (the
+// published 3 x 3 block with E = 8), so that the compiler unrolls and keeps rows in registers.
+template <int64_t kX, int64_t kE>
+inline __attribute__((always_inline)) void assemble_channel_impl(
+    int64_t I, int64_t X_, int64_t nb, int64_t E_, float* __restrict__ dst,
+    const float* __restrict__ w0, float v0, const float* __restrict__ a, int64_t a_stride,
+    const float* __restrict__ q, const float* __restrict__ pw, const float* __restrict__ dw,
+    float vd, const float* __restrict__ comp) {
+  const int64_t X = kX > 0 ? kX : X_;
+  const int64_t E = kE > 0 ? kE : E_;
   float acc[kMaxTaps];
   for (int64_t i = 0; i < I; ++i) {
     for (int64_t x = 0; x < X; ++x) acc[x] = v0 * w0[i * X + x];
@@ -70,6 +73,20 @@ OREPA_CLONES void assemble_channel(int64_t I, int64_t X, int64_t nb, int64_t E,
       for (int64_t x = 0; x < X; ++x) acc[x] += comp[x * I + i];
     for (int64_t x = 0; x < X; ++x) dst[i * X + x] = acc[x];
   }
+}
+
+OREPA_CLONES void assemble_channel(int64_t I, int64_t X, int64_t nb, int64_t E,
+                                   float* __restrict__ dst, const float* __restrict__ w0,
+                                   float v0, const float* __restrict__ a, int64_t a_stride,
+                                   const float* __restrict__ q, const float* __restrict__ pw,
+                                   const float* __restrict__ dw, float vd,
+                                   const float* __restrict__ comp) {
+  if (X == 9 && E == 8)
+    assemble_channel_impl<9, 8>(I, X, nb, E, dst, w0, v0, a, a_stride, q, pw, dw, vd, comp);
+  else if (X == 9)
+    assemble_channel_impl<9, 0>(I, X, nb, E, dst, w0, v0, a, a_stride, q, pw, dw, vd, comp);
+  else
+    assemble_channel_impl<0, 0>(I, X, nb, E, dst, w0, v0, a, a_stride, q, pw, dw, vd, comp);
 }
 
 // out[o,i,:] = v0[o] W0[o,i,:] + sum_b v_b[o] A[b,o,i] P[b,o,:]
@@ -113,14 +130,17 @@ Tensor assemble(const Tensor& origin, const Tensor& v_origin, const OptTensor& m
 }
 
 // One output channel of the backward pass over G; partial sums returned through acc_*.
-OREPA_CLONES void branch_backward_channel(
-    int64_t I, int64_t X, int64_t nb, int64_t E, const float* __restrict__ g,
+template <int64_t kX, int64_t kE>
+inline __attribute__((always_inline)) void branch_backward_channel_impl(
+    int64_t I, int64_t X_, int64_t nb, int64_t E_, const float* __restrict__ g,
     const float* __restrict__ w0, float v0, float* __restrict__ d0, float* __restrict__ acc0,
     const float* __restrict__ a, int64_t a_stride, const float* __restrict__ p,
     int64_t p_stride, const float* __restrict__ vs, int64_t vs_stride, float* __restrict__ da,
     float* __restrict__ acc_small, const float* __restrict__ pw, const float* __restrict__ dwt,
     float vd, float* __restrict__ dpw, float* __restrict__ acc_dws, float* __restrict__ ddwt,
     float* __restrict__ gt) {
+  const int64_t X = kX > 0 ? kX : X_;
+  const int64_t E = kE > 0 ? kE : E_;
   float h[kMaxTaps];
   float pe[kMaxTaps];
   for (int64_t i = 0; i < I; ++i) {
@@ -155,6 +175,22 @@ OREPA_CLONES void branch_backward_channel(
     if (gt != nullptr)
       for (int64_t x = 0; x < X; ++x) gt[x * I + i] = gv[x];
   }
+}
+
+OREPA_CLONES void branch_backward_channel(
+    int64_t I, int64_t X, int64_t nb, int64_t E, const float* __restrict__ g,
+    const float* __restrict__ w0, float v0, float* __restrict__ d0, float* __restrict__ acc0,
+    const float* __restrict__ a, int64_t a_stride, const float* __restrict__ p,
+    int64_t p_stride, const float* __restrict__ vs, int64_t vs_stride, float* __restrict__ da,
+    float* __restrict__ acc_small, const float* __restrict__ pw, const float* __restrict__ dwt,
+    float vd, float* __restrict__ dpw, float* __restrict__ acc_dws, float* __restrict__ ddwt,
+    float* __restrict__ gt) {
+  if (X == 9 && E == 8)
+    branch_backward_channel_impl<9, 8>(I, X, nb, E, g, w0, v0, d0, acc0, a, a_stride, p, p_stride, vs, vs_stride, da, acc_small, pw, dwt, vd, dpw, acc_dws, ddwt, gt);
+  else if (X == 9)
+    branch_backward_channel_impl<9, 0>(I, X, nb, E, g, w0, v0, d0, acc0, a, a_stride, p, p_stride, vs, vs_stride, da, acc_small, pw, dwt, vd, dpw, acc_dws, ddwt, gt);
+  else
+    branch_backward_channel_impl<0, 0>(I, X, nb, E, g, w0, v0, d0, acc0, a, a_stride, p, p_stride, vs, vs_stride, da, acc_small, pw, dwt, vd, dpw, acc_dws, ddwt, gt);
 }
 
 // One pass over the kernel gradient G (O, I, X): the gradients of the origin, pattern and
