@@ -45,6 +45,32 @@ void check(const OptTensor& t, const char* name) {
   if (t.has_value()) check(*t, name);
 }
 
+// Sizes of the branch inputs both directions share: O, I, X = k * k, nb patterns, E.
+struct BranchSizes {
+  int64_t O, I, X, nb, E;
+};
+
+// Checks the inputs both directions share and reads their sizes.
+BranchSizes branch_sizes(const Tensor& origin, const Tensor& v_origin, const OptTensor& mats,
+                         const OptTensor& patterns, const OptTensor& v_small,
+                         const OptTensor& pointwise, const OptTensor& depthwise,
+                         const OptTensor& v_dws) {
+  check(origin, "origin");
+  check(v_origin, "v_origin");
+  check(mats, "mats");
+  check(patterns, "patterns");
+  check(v_small, "v_small");
+  check(pointwise, "pointwise");
+  check(depthwise, "depthwise");
+  check(v_dws, "v_dws");
+  BranchSizes sizes{origin.size(0), origin.size(1), origin.size(2),
+                    mats.has_value() ? mats->size(0) : 0,
+                    pointwise.has_value() ? pointwise->size(2) : 0};
+  TORCH_CHECK(sizes.X <= kMaxTaps, "kernel sizes up to 7 x 7 only");
+  TORCH_CHECK(sizes.E <= kMaxTaps, "depthwise expansion up to 64 only");
+  return sizes;
+}
+
 // One output channel of the kernel: dst (I, X). kX / kE > 0 fix X / E at compile time (the
 // published 3 x 3 block with E = 8), so that the compiler unrolls and keeps rows in registers.
 template <int64_t kX, int64_t kE>
@@ -95,19 +121,10 @@ Tensor assemble(const Tensor& origin, const Tensor& v_origin, const OptTensor& m
                 const OptTensor& patterns, const OptTensor& v_small, const OptTensor& composed,
                 const OptTensor& pointwise, const OptTensor& depthwise,
                 const OptTensor& v_dws) {
-  check(origin, "origin");
-  check(v_origin, "v_origin");
-  check(mats, "mats");
-  check(patterns, "patterns");
-  check(v_small, "v_small");
   check(composed, "composed");
-  check(pointwise, "pointwise");
-  check(depthwise, "depthwise");
-  check(v_dws, "v_dws");
-  const int64_t O = origin.size(0), I = origin.size(1), X = origin.size(2);
-  TORCH_CHECK(X <= kMaxTaps, "kernel sizes up to 7 x 7 only");
-  const int64_t nb = mats.has_value() ? mats->size(0) : 0;
-  const int64_t E = pointwise.has_value() ? pointwise->size(2) : 0;
+  const BranchSizes sz =
+      branch_sizes(origin, v_origin, mats, patterns, v_small, pointwise, depthwise, v_dws);
+  const int64_t O = sz.O, I = sz.I, X = sz.X, nb = sz.nb, E = sz.E;
   Tensor out = torch::empty_like(origin);
   const float *w0 = origin.data_ptr<float>(), *v0 = v_origin.data_ptr<float>();
   const float *a = ptr_or_null(mats), *pat = ptr_or_null(patterns), *vs = ptr_or_null(v_small);
@@ -202,19 +219,9 @@ std::vector<Tensor> branch_backward(const Tensor& grad, const Tensor& origin,
                                     const OptTensor& pointwise, const OptTensor& depthwise,
                                     const OptTensor& v_dws, bool with_transposed) {
   check(grad, "grad");
-  check(origin, "origin");
-  check(v_origin, "v_origin");
-  check(mats, "mats");
-  check(patterns, "patterns");
-  check(v_small, "v_small");
-  check(pointwise, "pointwise");
-  check(depthwise, "depthwise");
-  check(v_dws, "v_dws");
-  const int64_t O = origin.size(0), I = origin.size(1), X = origin.size(2);
-  TORCH_CHECK(X <= kMaxTaps, "kernel sizes up to 7 x 7 only");
-  const int64_t nb = mats.has_value() ? mats->size(0) : 0;
-  const int64_t E = pointwise.has_value() ? pointwise->size(2) : 0;
-  TORCH_CHECK(E <= kMaxTaps, "depthwise expansion up to 64 only");
+  const BranchSizes sz =
+      branch_sizes(origin, v_origin, mats, patterns, v_small, pointwise, depthwise, v_dws);
+  const int64_t O = sz.O, I = sz.I, X = sz.X, nb = sz.nb, E = sz.E;
   auto opts = origin.options();
   Tensor d_origin = torch::empty_like(origin), dv_origin = torch::empty({O}, opts);
   Tensor d_mats = torch::empty({nb, O, I}, opts), dv_small = torch::empty({nb, O}, opts);
