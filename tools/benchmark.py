@@ -88,9 +88,10 @@ def timed(fn, steps, warmup, device):
     return statistics.median(samples)
 
 
-def _inputs(args, device):
+def _inputs(args, device, variant=None):
+    """The wrapped model (``variant``, default the worker's) and a seeded input batch."""
     torch.manual_seed(0)
-    model = Wrapped(build_backbone(args.model, args.variant, args.workload), 1000,
+    model = Wrapped(build_backbone(args.model, variant or args.variant, args.workload), 1000,
                     args.workload == 'cls').to(device)
     h, w = args.input_size
     x = torch.randn(args.batch_size, 3, h, w, device=device)
@@ -131,7 +132,7 @@ def run_eval_worker(args) -> dict:
     from orepa_mm.deploy import reparameterize_model
     device = torch.device(args.device)
     model, x, _ = _inputs(args, device)
-    plain, _, _ = _inputs(argparse.Namespace(**{**vars(args), 'variant': 'plain'}), device)
+    plain, _, _ = _inputs(args, device, variant='plain')
     deployed, plain_deployed = copy.deepcopy(model), copy.deepcopy(plain)
     nets = {'eval_plain_s': plain, 'eval_unconverted_s': model,
             'eval_plain_deployed_s': plain_deployed, 'eval_deployed_s': deployed}

@@ -25,7 +25,8 @@ from .reparam_conv import ReparamConv2d
 
 #: The k x k block's branches, in the row order of its scale vector (the authors' order).
 KXK_BRANCHES = ('origin', 'avg', 'prior', '1x1_kxk', '1x1', 'dws')
-#: Branches that are a learned 1x1 matrix times a fixed k x k pattern, and their parameter.
+#: Branches that are a learned 1x1 matrix times a fixed k x k pattern, and their parameter,
+#: in KXK_BRANCHES order (the order of OREPAKxKKernel's matrix inputs).
 SMALL_BRANCH_PARAMS = {'avg': 'avg_1x1', 'prior': 'prior_1x1', '1x1': 'conv_1x1'}
 #: Published initial value of each branch's scale vector.
 KXK_SCALE_INIT = {'origin': 0.25, 'avg': 0.25, 'prior': 0.0, '1x1_kxk': 0.5, '1x1': 1.0,
@@ -193,10 +194,10 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         pointwise = depthwise = v_dws = None
         if 'dws' in self.branches:
             pointwise, depthwise, v_dws = self.pw_1x1, self.dw_kxk, scales[rows('dws')]
+        # The pattern branches' matrices in the kernel function's (avg, prior, 1x1) slots.
+        matrices = [getattr(self, name, None) for name in SMALL_BRANCH_PARAMS.values()]
         return OREPAKxKKernel.apply(
-            self.origin, scales[0], getattr(self, 'avg_1x1', None),
-            getattr(self, 'prior_1x1', None), getattr(self, 'conv_1x1', None),
-            self.small_patterns, v_small, second, residual,
+            self.origin, scales[0], *matrices, self.small_patterns, v_small, second, residual,
             getattr(self, 'expand_identity', None), v_compose, pointwise, depthwise, v_dws,
             self.groups)
 
