@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test test-fast demo benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ install: $(PY)
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install   # the fast tier: everything but the end-to-end and multi-process tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install
 	$(PY) tools/demo.py
