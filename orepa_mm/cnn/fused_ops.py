@@ -2,31 +2,103 @@
 
 ``make install`` compiles them into ``orepa_mm._kxk_kernel_ops``; without them (no compiler,
 another platform) orepa_mm uses the PyTorch reference path, which gives the same numbers.
+
+The loops are dispatcher operators, ``torch.ops.orepa_mm.kxk_*`` (:data:`FUSED_OP_NAMES`),
+with the fake (shape-only) kernels below, so ``torch.compile`` traces them into its graphs
+like any aten op instead of breaking the graph at an opaque Python extension call; Inductor
+calls them as external kernels. They are called only inside the kernel functions' forward and
+backward (:mod:`.kxk_kernel`), which hold their autograd formulas.
 """
 import importlib
-from types import ModuleType
+import warnings
+from types import ModuleType, SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+#: The operators of the compiled module, as ``orepa_mm::<name>``.
+FUSED_OP_NAMES = ('kxk_assemble', 'kxk_branch_backward', 'kxk_taps_first_scaled',
+                  'kxk_t_major_scaled', 'kxk_compose_backward')
+#: The ``OPS_VERSION`` of the C++ source these bindings expect.
+OPS_VERSION = 2
+
 
 def _load() -> Optional[ModuleType]:
     try:
-        return importlib.import_module('orepa_mm._kxk_kernel_ops')
+        module = importlib.import_module('orepa_mm._kxk_kernel_ops')
     except ImportError:
         return None
+    if getattr(module, 'OPS_VERSION', None) != OPS_VERSION:
+        warnings.warn('orepa_mm._kxk_kernel_ops was built from an older orepa_mm/csrc; '
+                      'orepa_mm uses its PyTorch path until it is rebuilt '
+                      '(python setup.py build_ext --inplace, or make install).')
+        return None
+    return module
 
 
-#: The compiled module, or None when it was not built.
-KXK_KERNEL_OPS = _load()
+def _bind(module: Optional[ModuleType]) -> Optional[SimpleNamespace]:
+    """The operators under their short names (``ops.assemble(...)``), fake kernels registered."""
+    if module is None:
+        return None
+    ns = torch.ops.orepa_mm
+    _register_fake_kernels()
+    return SimpleNamespace(
+        module=module,
+        assemble=ns.kxk_assemble.default,
+        branch_backward=ns.kxk_branch_backward.default,
+        taps_first_scaled=ns.kxk_taps_first_scaled.default,
+        t_major_scaled=ns.kxk_t_major_scaled.default,
+        compose_backward=ns.kxk_compose_backward.default)
+
+
+def _register_fake_kernels():
+    """Output shapes and dtypes of the fused operators, for tracing (no data touched)."""
+
+    @torch.library.register_fake('orepa_mm::kxk_assemble')
+    def _assemble(origin, v_origin, mats, patterns, v_small, composed, pointwise, depthwise,
+                  v_dws):
+        return torch.empty_like(origin, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake('orepa_mm::kxk_branch_backward')
+    def _branch_backward(grad, origin, v_origin, mats, patterns, v_small, pointwise,
+                         depthwise, v_dws, with_transposed):
+        o, i, x = origin.shape
+        nb = 0 if mats is None else mats.shape[0]
+        e = 0 if pointwise is None else pointwise.shape[2]
+        new = origin.new_empty
+        d_dw = new((i, e, x)) if e > 0 else new((0, ))
+        g_t = new((o, x, i)) if with_transposed else new((0, ))
+        dv_dws = new((o, )) if e > 0 else new((0, ))
+        return (new((o, i, x)), new((o, )), new((nb, o, i)), new((nb, o)), new((o, i, e)),
+                d_dw, dv_dws, g_t)
+
+    @torch.library.register_fake('orepa_mm::kxk_taps_first_scaled')
+    def _taps_first_scaled(second, scale):
+        o, t, x = second.shape
+        return second.new_empty((o, x, t))
+
+    @torch.library.register_fake('orepa_mm::kxk_t_major_scaled')
+    def _t_major_scaled(second, scale):
+        o, t, x = second.shape
+        return second.new_empty((t, o, x))
+
+    @torch.library.register_fake('orepa_mm::kxk_compose_backward')
+    def _compose_backward(h, second, v_compose):
+        return (torch.empty_like(second, memory_format=torch.contiguous_format),
+                second.new_empty((second.shape[0], )))
+
+
+#: The fused operators (``assemble``, ``branch_backward``, ``taps_first_scaled``,
+#: ``t_major_scaled``, ``compose_backward``), or None when they were not built.
+KXK_KERNEL_OPS = _bind(_load())
 
 
 #: The loops keep one kernel row (k * k taps) and one depthwise expansion in registers.
 MAX_TAPS = 64
 
 
-def fused_kxk_ops(reference: Tensor, groups: int, expand: int) -> Optional[ModuleType]:
+def fused_kxk_ops(reference: Tensor, groups: int, expand: int) -> Optional[SimpleNamespace]:
     """The fused ops if they serve this layer: ``reference`` is its kernel (or kernel
     gradient) and must be CPU float32; groups = 1, k <= 7, expand ratio <= 64."""
     taps = reference.shape[-1] * reference.shape[-2]

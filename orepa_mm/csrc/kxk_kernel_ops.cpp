@@ -12,10 +12,12 @@
 // pointwise PW (O, I, E), depthwise DW (I, E, X); composed and g_t (O, X, I); the k x k
 // factor of the composition C2 (O, T, X).
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 // The per-channel loops are compiled twice, for AVX2/FMA machines and for any x86-64, and
@@ -36,13 +38,17 @@ const float* ptr_or_null(const OptTensor& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-void check(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor");
+// Inputs must be float32 CPU tensors; they are used contiguous (a no-op for the contiguous
+// tensors orepa_mm passes; compiled graphs may hand over other strides).
+Tensor dense(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat, name,
+              " must be a float32 CPU tensor");
+  return t.contiguous();
 }
 
-void check(const OptTensor& t, const char* name) {
-  if (t.has_value()) check(*t, name);
+OptTensor dense(const OptTensor& t, const char* name) {
+  if (!t.has_value()) return t;
+  return dense(*t, name);
 }
 
 // Sizes of the branch inputs both directions share: O, I, X = k * k, nb patterns, E.
@@ -50,19 +56,25 @@ struct BranchSizes {
   int64_t O, I, X, nb, E;
 };
 
-// Checks the inputs both directions share and reads their sizes.
-BranchSizes branch_sizes(const Tensor& origin, const Tensor& v_origin, const OptTensor& mats,
-                         const OptTensor& patterns, const OptTensor& v_small,
-                         const OptTensor& pointwise, const OptTensor& depthwise,
-                         const OptTensor& v_dws) {
-  check(origin, "origin");
-  check(v_origin, "v_origin");
-  check(mats, "mats");
-  check(patterns, "patterns");
-  check(v_small, "v_small");
-  check(pointwise, "pointwise");
-  check(depthwise, "depthwise");
-  check(v_dws, "v_dws");
+// The inputs both directions share, checked and contiguous.
+struct BranchInputs {
+  Tensor origin, v_origin;
+  OptTensor mats, patterns, v_small, pointwise, depthwise, v_dws;
+};
+
+BranchInputs branch_inputs(const Tensor& origin, const Tensor& v_origin, const OptTensor& mats,
+                           const OptTensor& patterns, const OptTensor& v_small,
+                           const OptTensor& pointwise, const OptTensor& depthwise,
+                           const OptTensor& v_dws) {
+  return {dense(origin, "origin"),       dense(v_origin, "v_origin"),
+          dense(mats, "mats"),           dense(patterns, "patterns"),
+          dense(v_small, "v_small"),     dense(pointwise, "pointwise"),
+          dense(depthwise, "depthwise"), dense(v_dws, "v_dws")};
+}
+
+// Reads the sizes of the shared inputs.
+BranchSizes branch_sizes(const Tensor& origin, const OptTensor& mats,
+                         const OptTensor& pointwise) {
   BranchSizes sizes{origin.size(0), origin.size(1), origin.size(2),
                     mats.has_value() ? mats->size(0) : 0,
                     pointwise.has_value() ? pointwise->size(2) : 0};
@@ -117,13 +129,17 @@ OREPA_CLONES void assemble_channel(int64_t I, int64_t X, int64_t nb, int64_t E,
 
 // out[o,i,:] = v0[o] W0[o,i,:] + sum_b v_b[o] A[b,o,i] P[b,o,:]
 //            + v_d[o] sum_e PW[o,i,e] DW[i,e,:] + composed[o,:,i]   (composed is pre-scaled)
-Tensor assemble(const Tensor& origin, const Tensor& v_origin, const OptTensor& mats,
-                const OptTensor& patterns, const OptTensor& v_small, const OptTensor& composed,
-                const OptTensor& pointwise, const OptTensor& depthwise,
-                const OptTensor& v_dws) {
-  check(composed, "composed");
-  const BranchSizes sz =
-      branch_sizes(origin, v_origin, mats, patterns, v_small, pointwise, depthwise, v_dws);
+Tensor assemble(const Tensor& origin_in, const Tensor& v_origin_in, const OptTensor& mats_in,
+                const OptTensor& patterns_in, const OptTensor& v_small_in,
+                const OptTensor& composed_in, const OptTensor& pointwise_in,
+                const OptTensor& depthwise_in, const OptTensor& v_dws_in) {
+  const OptTensor composed = dense(composed_in, "composed");
+  const BranchInputs in = branch_inputs(origin_in, v_origin_in, mats_in, patterns_in,
+                                        v_small_in, pointwise_in, depthwise_in, v_dws_in);
+  const Tensor &origin = in.origin, &v_origin = in.v_origin;
+  const OptTensor &mats = in.mats, &patterns = in.patterns, &v_small = in.v_small;
+  const OptTensor &pointwise = in.pointwise, &depthwise = in.depthwise, &v_dws = in.v_dws;
+  const BranchSizes sz = branch_sizes(origin, mats, pointwise);
   const int64_t O = sz.O, I = sz.I, X = sz.X, nb = sz.nb, E = sz.E;
   Tensor out = torch::empty_like(origin);
   const float *w0 = origin.data_ptr<float>(), *v0 = v_origin.data_ptr<float>();
@@ -213,19 +229,26 @@ OREPA_CLONES void branch_backward_channel(
 // One pass over the kernel gradient G (O, I, X): the gradients of the origin, pattern and
 // depthwise-separable branches, and G with the taps first, g_t (O, X, I), for the composed
 // branch's products (an empty tensor when with_transposed is false).
-std::vector<Tensor> branch_backward(const Tensor& grad, const Tensor& origin,
-                                    const Tensor& v_origin, const OptTensor& mats,
-                                    const OptTensor& patterns, const OptTensor& v_small,
-                                    const OptTensor& pointwise, const OptTensor& depthwise,
-                                    const OptTensor& v_dws, bool with_transposed) {
-  check(grad, "grad");
-  const BranchSizes sz =
-      branch_sizes(origin, v_origin, mats, patterns, v_small, pointwise, depthwise, v_dws);
+using BranchGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BranchGrads branch_backward(const Tensor& grad_in, const Tensor& origin_in,
+                            const Tensor& v_origin_in, const OptTensor& mats_in,
+                            const OptTensor& patterns_in, const OptTensor& v_small_in,
+                            const OptTensor& pointwise_in, const OptTensor& depthwise_in,
+                            const OptTensor& v_dws_in, bool with_transposed) {
+  const Tensor grad = dense(grad_in, "grad");
+  const BranchInputs in = branch_inputs(origin_in, v_origin_in, mats_in, patterns_in,
+                                        v_small_in, pointwise_in, depthwise_in, v_dws_in);
+  const Tensor &origin = in.origin, &v_origin = in.v_origin;
+  const OptTensor &mats = in.mats, &patterns = in.patterns, &v_small = in.v_small;
+  const OptTensor &pointwise = in.pointwise, &depthwise = in.depthwise, &v_dws = in.v_dws;
+  const BranchSizes sz = branch_sizes(origin, mats, pointwise);
   const int64_t O = sz.O, I = sz.I, X = sz.X, nb = sz.nb, E = sz.E;
   auto opts = origin.options();
   Tensor d_origin = torch::empty_like(origin), dv_origin = torch::empty({O}, opts);
   Tensor d_mats = torch::empty({nb, O, I}, opts), dv_small = torch::empty({nb, O}, opts);
-  Tensor d_pw = torch::empty({O, I, E}, opts), dv_dws = torch::empty({O}, opts);
+  // Without the depthwise-separable branch (E = 0) its gradients are empty tensors.
+  Tensor d_pw = torch::empty({O, I, E}, opts), dv_dws = torch::empty({E > 0 ? O : 0}, opts);
   Tensor g_t = with_transposed ? torch::empty({O, X, I}, opts) : torch::empty({0}, opts);
   const int threads = at::get_num_threads();
   // Depthwise gradients sum over output channels: one taps-first partial sum per thread.
@@ -272,9 +295,8 @@ std::vector<Tensor> branch_backward(const Tensor& grad, const Tensor& origin,
 }
 
 // (O, T, X) -> v[o] * C2 with its taps first, (O, X, T), for the composing products.
-Tensor taps_first_scaled(const Tensor& second, const Tensor& scale) {
-  check(second, "second");
-  check(scale, "scale");
+Tensor taps_first_scaled(const Tensor& second_in, const Tensor& scale_in) {
+  const Tensor second = dense(second_in, "second"), scale = dense(scale_in, "scale");
   const int64_t O = second.size(0), T = second.size(1), X = second.size(2);
   Tensor out = torch::empty({O, X, T}, second.options());
   const float *s = second.data_ptr<float>(), *v = scale.data_ptr<float>();
@@ -290,9 +312,8 @@ Tensor taps_first_scaled(const Tensor& second, const Tensor& scale) {
 // (O, T, X) -> v[o] * C2 laid out (T, O, X), for the product that gives the first factor's
 // gradient. A transpose of 9-float runs, done in tiles so that reads and writes both stay
 // within a few pages.
-Tensor t_major_scaled(const Tensor& second, const Tensor& scale) {
-  check(second, "second");
-  check(scale, "scale");
+Tensor t_major_scaled(const Tensor& second_in, const Tensor& scale_in) {
+  const Tensor second = dense(second_in, "second"), scale = dense(scale_in, "scale");
   const int64_t O = second.size(0), T = second.size(1), X = second.size(2);
   constexpr int64_t kTileO = 16, kTileT = 64;
   Tensor out = torch::empty({T, O, X}, second.options());
@@ -316,11 +337,10 @@ Tensor t_major_scaled(const Tensor& second, const Tensor& scale) {
 
 // From h (O, X, T), the unscaled gradient of C2 with its taps first: dC2 (O, T, X) and the
 // gradient of the branch scale.
-std::vector<Tensor> compose_backward(const Tensor& h, const Tensor& second,
-                                     const Tensor& v_compose) {
-  check(h, "h");
-  check(second, "second");
-  check(v_compose, "v_compose");
+std::tuple<Tensor, Tensor> compose_backward(const Tensor& h_in, const Tensor& second_in,
+                                            const Tensor& v_compose_in) {
+  const Tensor h = dense(h_in, "h"), second = dense(second_in, "second");
+  const Tensor v_compose = dense(v_compose_in, "v_compose");
   const int64_t O = second.size(0), T = second.size(1), X = second.size(2);
   Tensor d_second = torch::empty_like(second), dv = torch::empty({O}, second.options());
   const float *hp = h.data_ptr<float>(), *s = second.data_ptr<float>();
@@ -346,12 +366,33 @@ std::vector<Tensor> compose_backward(const Tensor& h, const Tensor& second,
 
 }  // namespace
 
+// The loops are dispatcher ops, orepa_mm::kxk_*, so that torch.compile traces them as graph
+// nodes (their fake kernels, for shapes, are in orepa_mm/cnn/fused_ops.py). Python calls them
+// through torch.ops.orepa_mm; the module below only makes the library importable.
+TORCH_LIBRARY_FRAGMENT(orepa_mm, m) {
+  m.def("kxk_assemble(Tensor origin, Tensor v_origin, Tensor? mats, Tensor? patterns, "
+        "Tensor? v_small, Tensor? composed, Tensor? pointwise, Tensor? depthwise, "
+        "Tensor? v_dws) -> Tensor");
+  m.def("kxk_branch_backward(Tensor grad, Tensor origin, Tensor v_origin, Tensor? mats, "
+        "Tensor? patterns, Tensor? v_small, Tensor? pointwise, Tensor? depthwise, "
+        "Tensor? v_dws, bool with_transposed) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("kxk_taps_first_scaled(Tensor second, Tensor scale) -> Tensor");
+  m.def("kxk_t_major_scaled(Tensor second, Tensor scale) -> Tensor");
+  m.def("kxk_compose_backward(Tensor h, Tensor second, Tensor v_compose) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(orepa_mm, CPU, m) {
+  m.impl("kxk_assemble", &assemble);
+  m.impl("kxk_branch_backward", &branch_backward);
+  m.impl("kxk_taps_first_scaled", &taps_first_scaled);
+  m.impl("kxk_t_major_scaled", &t_major_scaled);
+  m.impl("kxk_compose_backward", &compose_backward);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused CPU loops of the k x k OREPA kernel generator (float32, groups = 1).";
-  m.def("assemble", &assemble, "The squeezed kernel from origin, pattern, dws and composed terms");
-  m.def("branch_backward", &branch_backward,
-        "Origin / pattern / dws gradients and the taps-first kernel gradient, in one pass");
-  m.def("taps_first_scaled", &taps_first_scaled, "(O, T, X) -> v[o] * (O, X, T)");
-  m.def("t_major_scaled", &t_major_scaled, "(O, T, X) -> v[o] * (T, O, X)");
-  m.def("compose_backward", &compose_backward, "Gradients of the 1x1 -> k x k branch's C2");
+  m.doc() = "Fused CPU loops of the k x k OREPA kernel generator (float32, groups = 1), "
+            "registered as the torch.ops.orepa_mm.kxk_* operators.";
+  // Bumped when the operators change, so that a stale build is recognised (fused_ops.py).
+  m.attr("OPS_VERSION") = 2;
 }
