@@ -7,7 +7,13 @@ parameters, which live anyway), sums the branches into one output buffer, and co
 gradients with a handful of (batched) matrix products: same FLOPs as autograd's, no extra
 memory, fewer passes over kernel-sized tensors. The large products run on :mod:`.gemm`
 (oneDNN on CPU). Not twice differentiable: ``once_differentiable`` says so instead of
-returning wrong second derivatives.
+returning wrong second derivatives. Both directions run in the inputs' precision with
+autocast off (:func:`.gemm.full_precision_forward`), also when ``backward()`` is called inside
+an autocast region.
+
+torch.compile traces it (Dynamo traces custom autograd functions, forward and backward): the
+fused CPU loops are dispatcher ops (:mod:`.fused_ops`) and the products go through
+:mod:`.gemm`, so compiled graphs keep both, without graph breaks.
 
 The kernel, for output channel o, per group (I_g = in/groups, X = k * k):
 
@@ -26,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_ops import fused_kxk_ops
-from .gemm import batched_matmul, matmul
+from .gemm import batched_matmul, full_precision_backward, full_precision_forward, matmul
 from .kernels import depthwise_pointwise_to_kernel
 
 
@@ -34,6 +40,7 @@ class OREPAKxKKernel(torch.autograd.Function):
     """See the module docstring. Inputs with an unused branch are None."""
 
     @staticmethod
+    @full_precision_forward
     def forward(ctx, origin: Tensor, v_origin: Tensor, avg: Optional[Tensor],
                 prior: Optional[Tensor], one: Optional[Tensor], patterns: Optional[Tensor],
                 v_small: Optional[Tensor], second: Optional[Tensor],
@@ -57,6 +64,7 @@ class OREPAKxKKernel(torch.autograd.Function):
         return out
 
     @staticmethod
+    @full_precision_backward
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         (origin, v_origin, avg, prior, one, patterns, v_small, second, residual, identity,
@@ -81,11 +89,11 @@ class OREPAKxKKernel(torch.autograd.Function):
         if 'mats' in grads:
             present = [j for j, m in enumerate((avg, prior, one)) if m is not None]
             for j, gm in zip(present, grads['mats']):
-                small[j] = gm.view((avg, prior, one)[j].shape)
+                small[j] = gm.reshape((avg, prior, one)[j].shape)
         first_grad = grads.get('first')
         return (grads.get('origin'), grads.get('v_origin'), *small, None,
                 grads.get('v_small'), grads.get('second'),
-                None if first_grad is None else first_grad.view(residual.shape), None,
+                None if first_grad is None else first_grad.reshape(residual.shape), None,
                 grads.get('v_compose'), grads.get('pointwise'), grads.get('depthwise'),
                 grads.get('v_dws'), None)
 
@@ -171,11 +179,18 @@ def _backward_torch(grad, wanted, origin, v_origin, mats, patterns, v_small, sec
         if wanted['first']:
             # v[o] C2[o, t, x] with t first, (g, T_g, O_g * X): the product below then
             # contracts the contiguous axis of one operand and the outer axis of the other.
-            scaled = torch.empty(g, t_g, o_g, x, dtype=grad.dtype, device=grad.device)
-            torch.mul(second3.view(g, o_g, t_g, x).transpose(1, 2),
-                      v_compose.view(g, 1, o_g, 1), out=scaled)
+            t_first = second3.view(g, o_g, t_g, x).transpose(1, 2)
+            if torch.compiler.is_compiling():
+                # Traced out= ops do not keep the buffer's strides (AOTAutograd then cannot
+                # view the result): the functional form, which Inductor fuses anyway.
+                scaled = (t_first * v_compose.view(g, 1, o_g, 1)).reshape(g, t_g, o_g * x)
+            else:
+                # Eager: one pass straight into the t-first layout.
+                scaled = torch.empty(g, t_g, o_g, x, dtype=grad.dtype, device=grad.device)
+                torch.mul(t_first, v_compose.view(g, 1, o_g, 1), out=scaled)
+                scaled = scaled.view(g, t_g, o_g * x)
             # dM[t, i] = sum_{o, x} v[o] C2[o, t, x] G[o, i, x]
-            grads['first'] = batched_matmul(scaled.view(g, t_g, o_g * x), g_t).reshape(first.shape)
+            grads['first'] = batched_matmul(scaled, g_t).reshape(first.shape)
 
     if pointwise is not None:
         e = pointwise.shape[1] // i_g

@@ -5,7 +5,9 @@
 The product of the linear 1x1-1x1 pair is most of ResNet-50's kernel-generation FLOPs (the
 bottleneck 1 x 1 convs are wide), so its three products run on :mod:`.gemm` (oneDNN on CPU)
 and nothing but the inputs is saved for backward: the pair's product is never stored, the
-gradient of the scale comes from the already computed ``G W1^T``.
+gradient of the scale comes from the already computed ``G W1^T``. Like the k x k function, it
+runs in the inputs' precision with autocast off in both directions and is traced as it is by
+torch.compile.
 """
 from typing import Optional, Tuple
 
@@ -13,13 +15,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .gemm import matmul
+from .gemm import full_precision_backward, full_precision_forward, matmul
 
 
 class OREPA1x1Kernel(torch.autograd.Function):
     """Inputs: origin W0 (O, I), v0 (O,), second W2 (O, J), first W1 (J, I), v1 (O,)."""
 
     @staticmethod
+    @full_precision_forward
     def forward(ctx, origin: Tensor, v_origin: Tensor, second: Tensor, first: Tensor,
                 v_pair: Tensor) -> Tensor:
         out = matmul(second * v_pair.view(-1, 1), first)
@@ -28,6 +31,7 @@ class OREPA1x1Kernel(torch.autograd.Function):
         return out
 
     @staticmethod
+    @full_precision_backward
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         origin, v_origin, second, first, v_pair = ctx.saved_tensors
