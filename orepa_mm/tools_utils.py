@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from .checkpoint_check import MissingCheckpointError
 from .checkpoint_loading import UnsafeCheckpointError
 from .data_check import MissingDatasetError
 
@@ -47,12 +48,13 @@ class ToolError(Exception):
 def exit_on_user_error() -> Iterator[None]:
     """Turn user-fixable errors into their one sentence on stderr and exit 2.
 
-    A missing dataset, a refused checkpoint or an unusable flag needs no
-    traceback; every other exception propagates unchanged.
+    A missing dataset or checkpoint, a refused checkpoint or an unusable flag
+    needs no traceback; every other exception propagates unchanged.
     """
     try:
         yield
-    except (MissingDatasetError, UnsafeCheckpointError, ToolError) as err:
+    except (MissingDatasetError, MissingCheckpointError, UnsafeCheckpointError,
+            ToolError) as err:
         print(err, file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
 

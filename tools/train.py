@@ -5,13 +5,24 @@ Usage: python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]]
        [--amp] [--auto-scale-lr] [--cfg-options k=v ...] [--launcher L]
 
 The config's ``default_scope`` picks the library. A missing dataset, a
-checkpoint that is not a plain runner checkpoint, or an unusable flag ends
-the run with one sentence on stderr and exit status 2.
+missing checkpoint (``--resume CKPT``, ``load_from``, a ``Pretrained``
+``init_cfg``), a checkpoint that is not a plain runner checkpoint, or an
+unusable flag ends the run, before anything is built, with one sentence on
+stderr and exit status 2.
 """
-import orepa_mm  # noqa: F401  registers OREPA modules and the safe loader
-from orepa_mm.checkpoint_loading import register_safe_checkpoint_loader
-from orepa_mm.data_check import check_dataset_paths
-from orepa_mm.tools_utils import (apply_train_args, build_runner,
+import warnings
+
+# setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm
+# libraries import: nothing a user can act on. Must precede those imports.
+warnings.filterwarnings(
+    'ignore', message='pkg_resources is deprecated', category=UserWarning)
+
+import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
+from orepa_mm.checkpoint_check import check_checkpoint_paths  # noqa: E402
+from orepa_mm.checkpoint_loading import \
+    register_safe_checkpoint_loader  # noqa: E402
+from orepa_mm.data_check import check_dataset_paths  # noqa: E402
+from orepa_mm.tools_utils import (apply_train_args, build_runner,  # noqa: E402
                                   config_scope, exit_on_user_error,
                                   load_config, parse_train_args, train_splits)
 
@@ -24,6 +35,7 @@ def main(argv=None):
         config_scope(cfg)
         apply_train_args(cfg, args)
         check_dataset_paths(cfg, train_splits(cfg))
+        check_checkpoint_paths(cfg, 'train', resume_arg=args.resume)
 
         runner = build_runner(cfg)
         runner.train()
