@@ -5,17 +5,30 @@
 The result loads with ``init_cfg=dict(type='Pretrained', checkpoint=DST)`` into the matching
 ``OREPAResNet`` / ``OREPAVGG`` with no missing or unexpected keys. The architecture is inferred
 from the keys; the classifier head is dropped and reported. A file that is not an authors'
-checkpoint, or that does not map completely, is refused: non-zero exit, nothing written.
+checkpoint, or that does not map completely, is refused: non-zero exit, nothing written. A
+checkpoint mmengine or orepa_mm wrote (a runner checkpoint from tools/train.py, this tool's own
+output, a deployed checkpoint) is named as such: those need no conversion.
 """
 import argparse
 import os
 import sys
 import tempfile
+import warnings
 
-import torch
+# setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm libraries import:
+# nothing a user can act on. Must precede those imports.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
-import orepa_mm  # noqa: F401  (registers the backbones the check builds)
-from orepa_mm.official_checkpoint import OfficialCheckpointError, convert_official_state_dict
+import torch  # noqa: E402
+
+import orepa_mm  # noqa: E402,F401  (registers the backbones the check builds)
+from orepa_mm.checkpoint_check import describe_checkpoint  # noqa: E402
+from orepa_mm.checkpoint_loading import UnsafeCheckpointError, load_from_local  # noqa: E402
+from orepa_mm.official_checkpoint import (OfficialCheckpointError,  # noqa: E402
+                                          convert_official_state_dict)
+
+EXPECTED = ("this tool converts the authors' ImageNet checkpoints (ResNet-50_OREPA.pth.tar and "
+            "the like: a state_dict of 'module.stage0...' tensors)")
 
 
 def parse_args(argv=None):
@@ -45,15 +58,50 @@ def save_atomically(obj, dst: str):
         raise
 
 
+# What to do instead, by the kind describe_checkpoint() names.
+NO_CONVERSION = {
+    'runner': 'which needs no conversion: pass it to tools/test.py or tools/reparameterize.py, '
+                'or use it as load_from',
+    'deployed': 'which needs no conversion: use it as is with its deploy_config.py',
+    'converted': "which needs no further conversion: use it as is with "
+                "init_cfg=dict(type='Pretrained', checkpoint=...)",
+}
+
+
+def read_checkpoint(src: str):
+    """The file's contents, without running pickled code.
+
+    The authors' checkpoints are plain tensors and load weights-only. mmengine's runner
+    checkpoints also pickle numpy values and HistoryBuffer logs, which weights-only refuses;
+    orepa_mm's runner-checkpoint loader allows exactly those, so such a file is read (and then
+    named for what it is) instead of being called corrupt.
+    """
+    try:
+        return torch.load(src, map_location='cpu', weights_only=True)
+    except Exception as first:  # noqa: BLE001
+        try:
+            return load_from_local(src, map_location='cpu')
+        except UnsafeCheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - not a runner checkpoint either: report the first
+            raise first from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.isfile(args.src):
         return fail(f'{args.src} does not exist; pass the path of the downloaded .pth.tar.')
     try:
-        checkpoint = torch.load(args.src, map_location='cpu', weights_only=True)
-    except Exception as exc:  # truncated, corrupt, or carrying pickled code
+        checkpoint = read_checkpoint(args.src)
+    except UnsafeCheckpointError as exc:  # carrying pickled code: never run
+        return fail(f'{str(exc).rstrip(".")}; {EXPECTED}.')
+    except Exception as exc:  # truncated or corrupt
         return fail(f'cannot read {args.src} as a tensor checkpoint ({type(exc).__name__}); '
                     're-download the file.')
+    found = describe_checkpoint(checkpoint)
+    if found is not None:
+        return fail(f'{args.src} is {found.description}, {NO_CONVERSION[found.kind]}; '
+                    f'{EXPECTED}.')
     try:
         state_dict, report = convert_official_state_dict(checkpoint)
     except OfficialCheckpointError as exc:
