@@ -33,6 +33,10 @@ import argparse
 import sys
 import warnings
 
+# setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm libraries import:
+# nothing a user can act on. Must precede those imports (in main()).
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(

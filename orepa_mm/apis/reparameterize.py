@@ -175,18 +175,41 @@ def _check_readable(path: str, what: str) -> None:
 
 
 def _check_writable_dir(out_dir: str) -> None:
-    """Fail before any work when ``out_dir`` cannot be created or written."""
-    probe = osp.abspath(out_dir)
-    if osp.exists(probe) and not osp.isdir(probe):
+    """Fail before any work when ``out_dir`` cannot be created or written.
+
+    ``os.access`` is not enough (as root it answers yes for ``/proc``), so this probes: it
+    creates the missing directories of the chain and a temporary file in ``out_dir``, then
+    removes everything it created, whether the probe succeeded or not.
+    """
+    target = osp.abspath(out_dir)
+    if osp.exists(target) and not osp.isdir(target):
         raise ReparameterizeError(f'output directory {out_dir} is an existing file.')
-    while not osp.exists(probe):
+    missing = []
+    probe = target
+    while not osp.lexists(probe):
+        missing.append(probe)
         probe = osp.dirname(probe)
     if not osp.isdir(probe):
         raise ReparameterizeError(f'output directory {out_dir} cannot be created: {probe} '
                                   'is a file.')
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ReparameterizeError(f'output directory {out_dir} is not writable '
-                                  f'({probe}: permission denied).')
+    created = []
+    try:
+        for path in reversed(missing):
+            os.mkdir(path)
+            created.append(path)
+        fd, tmp = tempfile.mkstemp(prefix='.write-probe-', dir=target)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        where = f'{exc.filename}: ' if exc.filename else ''
+        raise ReparameterizeError(f'output directory {out_dir} is not writable ({where}'
+                                  f'{exc.strerror or _first_line(exc)}).') from None
+    finally:
+        for path in reversed(created):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 def _load_config(path: str) -> Config:
