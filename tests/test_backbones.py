@@ -291,3 +291,193 @@ def test_official_fixture_kernels_equal_the_authors_formula(tmp_path):
                     assert rel_err(ours.generate_kernel(), theirs) < 1e-5
                     checked += 1
     assert checked == 17
+
+
+# -- DCN stages, plugins, GN / SyncBN ------------------------------------------------------------
+def _dcn_kwargs(dcn_type, **extra):
+    return dict(depth=50, base_channels=8, stem_channels=16, out_indices=(0, 1, 2, 3),
+                dcn=dict(type=dcn_type, deform_groups=1, fallback_on_stride=False),
+                stage_with_dcn=(False, True, True, True), **extra)
+
+
+def _randomise_offsets(model, seed=1):
+    """Non-zero offsets (and masks): a zero-initialised DCN is a plain conv and hides mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, 'conv_offset'):
+                m.conv_offset.weight.copy_(torch.randn(m.conv_offset.weight.shape, generator=g) *
+                                           0.05)
+                m.conv_offset.bias.copy_(torch.randn(m.conv_offset.bias.shape, generator=g))
+    return model
+
+
+def _sgd_step(model, x):
+    """One training step (train mode, SGD); every trainable parameter must get a gradient."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    outputs = model(x)
+    sum(o.float().pow(2).mean() for o in (outputs if isinstance(outputs, tuple) else
+                                          (outputs, ))).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    optimizer.step()
+    model.eval()
+
+
+def _deploy_equals_stock(model, stock, x, rtol=1e-5):
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        model.switch_to_deploy()
+        after = model(x)
+        assert count_reparameterizable(model) == 0
+        stock.load_state_dict(model.state_dict(), strict=True)
+        stock.eval()
+        reference = stock(x)
+    for b, a, r in zip(before, after, reference):
+        assert rel_err(a, b) < rtol and rel_err(r, b) < rtol
+
+
+DCN_LIBS = [
+    (for_mmdet.OREPAResNet, mmdet_backbones.ResNet, {}),
+    (for_mmdet.OREPAResNetV1d, mmdet_backbones.ResNetV1d, {}),
+    (for_mmseg.OREPAResNet, mmseg_backbones.ResNet, {}),
+    (for_mmseg.OREPAResNetV1c, mmseg_backbones.ResNetV1c,
+     dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True)),
+]
+
+
+@pytest.mark.usefixtures('one_thread')
+@pytest.mark.parametrize('dcn_type', ['DCN', 'DCNv2'])
+@pytest.mark.parametrize('orepa_cls,stock_cls,extra', DCN_LIBS,
+                         ids=['mmdet', 'mmdet-v1d', 'mmseg', 'mmseg-v1c-d8'])
+def test_dcn_stages_keep_dcn_train_and_deploy_to_stock(dcn_type, orepa_cls, stock_cls, extra):
+    from mmcv.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+    dcn_cls = DeformConv2dPack if dcn_type == 'DCN' else ModulatedDeformConv2dPack
+    torch.manual_seed(0)
+    model = orepa_cls(**_dcn_kwargs(dcn_type, **extra))
+    for stage in range(1, 5):
+        for block in getattr(model, f'layer{stage}'):
+            assert isinstance(block.conv1, ReparamConv2d) and isinstance(block.conv3,
+                                                                         ReparamConv2d)
+            assert isinstance(block.conv2, dcn_cls if stage > 1 else ReparamConv2d)
+            if block.downsample is not None:
+                assert isinstance(block.downsample[-2], ReparamConv2d)
+    assert isinstance(model.layer2[0].conv2, dcn_cls)
+    randomise(_randomise_offsets(model))
+    x = torch.randn(2, 3, 96, 96)  # mmcv's DCN needs >= 3 x 3 inputs (layer4: 1/32)
+    _sgd_step(model, x)
+    stock = stock_cls(**_dcn_kwargs(dcn_type, **extra))
+    _deploy_equals_stock(model, stock, x[:1])
+    assert [type(m) for m in model.modules()][1:] == [type(m) for m in stock.modules()][1:]
+
+
+def test_dcn_fallback_on_stride_and_avg_down_keep_the_rest_orepa():
+    """Exactly the convs the stock ResNet builds as DCN stay DCN; every plain one is OREPA.
+    (mmdet pops ``fallback_on_stride`` from the shared dcn dict in the first block it reaches,
+    so only that block falls back to a plain conv2: the same in both.)"""
+    for fallback in (True, False):
+        kwargs = _dcn_kwargs('DCN', avg_down=True)
+        kwargs['dcn']['fallback_on_stride'] = fallback
+        model = for_mmdet.OREPAResNet(**copy.deepcopy(kwargs))
+        stock = mmdet_backbones.ResNet(**copy.deepcopy(kwargs))
+        dcn = 0
+        for name, theirs in stock.named_modules():
+            ours = model.get_submodule(name)
+            if type(theirs) is nn.Conv2d and not name.endswith('conv_offset'):
+                assert isinstance(ours, ReparamConv2d), name
+            elif name:
+                assert type(ours) is type(theirs), name
+                dcn += hasattr(theirs, 'conv_offset')
+        assert dcn == (12 if fallback else 13)
+        assert isinstance(model.layer2[0].downsample[1], ReparamConv2d)  # after the AvgPool
+        assert isinstance(model.layer2[0].conv2, ReparamConv2d if fallback else
+                          type(stock.layer2[1].conv2))
+
+
+def test_stock_resnet_with_orepa_conv_cfg_refuses_dcn_loudly():
+    """The libraries' Bottleneck asserts it; OREPAResNet is the way (README)."""
+    for stock_cls in (mmdet_backbones.ResNet, mmseg_backbones.ResNet):
+        with pytest.raises(AssertionError, match='conv_cfg must be None for DCN'):
+            stock_cls(**_dcn_kwargs('DCN', conv_cfg=dict(type='OREPA')))
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_dcn_conv2_starts_from_an_orepa_checkpoints_squeezed_kernel(tmp_path):
+    """An OREPA ResNet checkpoint (e.g. the converted official one, no DCN) initialises the DCN
+    stages' conv2 with its squeezed kernels: with zero offsets, the same outputs."""
+    torch.manual_seed(0)
+    plain = randomise(for_mmdet.OREPAResNet(depth=50, base_channels=8, stem_channels=16))
+    path = tmp_path / 'orepa.pth'
+    torch.save(dict(state_dict=plain.state_dict()), path)
+    model = for_mmdet.OREPAResNet(**_dcn_kwargs('DCN', init_cfg=dict(type='Pretrained',
+                                                                     checkpoint=str(path))))
+    model.init_weights()
+    model.eval()
+    torch.testing.assert_close(model.layer3[1].conv2.weight,
+                               plain.layer3[1].conv2.to_conv2d().weight)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        for ours, theirs in zip(model(x), plain(x)):
+            assert rel_err(ours, theirs) < 1e-5
+    # a stock checkpoint (plain conv2.weight) loads as usual, strictly
+    dcn_stock = mmdet_backbones.ResNet(**_dcn_kwargs('DCN'))
+    model.load_state_dict(_stock_like(model), strict=True)
+    dcn_stock.load_state_dict(_stock_like(model), strict=True)
+
+
+def _stock_like(model):
+    deployed = copy.deepcopy(model)
+    deployed.switch_to_deploy()
+    return deployed.state_dict()
+
+
+PLUGINS = [
+    dict(cfg=dict(type='ContextBlock', ratio=1. / 4), stages=(False, True, True, True),
+         position='after_conv3'),
+    dict(cfg=dict(type='GeneralizedAttention', spatial_range=-1, num_heads=2,
+                  attention_type='0010', kv_stride=2), stages=(False, False, True, True),
+         position='after_conv2'),
+    dict(cfg=dict(type='NonLocal2d', reduction=2, use_scale=True), stages=(False, False, True,
+                                                                          False),
+         position='after_conv1'),
+]
+NORMS = {
+    'GN': dict(type='GN', num_groups=4, requires_grad=True),
+    'SyncBN': dict(type='SyncBN', requires_grad=True),
+}
+
+
+@pytest.mark.usefixtures('one_thread')
+@pytest.mark.parametrize('case', ['plugins', 'GN', 'SyncBN', 'plugins+GN+DCN'])
+def test_plugins_and_norms_train_and_deploy_to_stock(case):
+    """mmdet's GCNet / empirical-attention / non-local plugins and GN / SyncBN norms: plugins stay
+    stock, the rest is OREPA; deployed == mmdet's ResNet with the same arguments. SyncBN runs
+    without a process group on the CPU (torch's SyncBatchNorm then normalises per process)."""
+    kwargs = dict(depth=50, base_channels=16, stem_channels=16, out_indices=(0, 1, 2, 3),
+                  norm_eval=False)
+    if 'plugins' in case:
+        kwargs['plugins'] = PLUGINS
+    for norm in NORMS:
+        if norm in case:
+            kwargs['norm_cfg'] = NORMS[norm]
+    if 'DCN' in case:
+        kwargs.update(dcn=dict(type='DCNv2', deform_groups=2),
+                      stage_with_dcn=(False, False, True, True))
+    torch.manual_seed(0)
+    model = for_mmdet.OREPAResNet(**copy.deepcopy(kwargs))
+    if 'plugins' in case:
+        block = model.layer3[0]
+        assert {'context_block', 'gen_attention_block', 'nonlocal_block'} <= set(
+            dict(block.named_children()))
+        assert not any(isinstance(m, ReparamConv2d) for name in ('context_block',
+                                                                 'gen_attention_block',
+                                                                 'nonlocal_block')
+                       for m in getattr(block, name).modules())
+    if 'SyncBN' in case:
+        assert isinstance(model.norm1, nn.SyncBatchNorm)
+    x = torch.randn(2, 3, 96, 96)
+    _sgd_step(randomise(_randomise_offsets(model)), x)
+    stock = mmdet_backbones.ResNet(**copy.deepcopy(kwargs))
+    _deploy_equals_stock(model, stock, x)
