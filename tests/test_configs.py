@@ -25,6 +25,7 @@ OFFICIAL_R50 = 'checkpoints/orepa_resnet50_official.pth'
 # name -> (default_scope, data root the check must ask for)
 DETECTION = {
     'faster_rcnn_orepa_r50': 'data/coco/',
+    'faster_rcnn_orepa_r50_dcn': 'data/coco/',
     'retinanet_orepa_r50': 'data/coco/',
     'mask_rcnn_orepa_r50': 'data/coco/',
 }
@@ -276,3 +277,44 @@ def test_detection_evaluators_read_the_annotation_files_the_loaders_use():
         cfg = load(name)
         ds = cfg.val_dataloader.dataset
         assert cfg.val_evaluator.ann_file == ds.data_root + ds.ann_file
+
+
+# -- DCN ---------------------------------------------------------------------------------------
+def test_dcn_config_is_upstreams_dcn_config_with_an_orepa_backbone():
+    cfg = load('faster_rcnn_orepa_r50_dcn')
+    from mmengine.hub import get_config
+    stock = get_config('mmdet::dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py')
+    assert cfg.model.backbone.dcn == stock.model.backbone.dcn == dict(
+        type='DCN', deform_groups=1, fallback_on_stride=False)
+    assert cfg.model.backbone.stage_with_dcn == (False, True, True, True)
+    ours, theirs = deepcopy(cfg.model), deepcopy(stock.model)
+    for model in (ours, theirs):
+        model.backbone.pop('type'), model.backbone.pop('init_cfg'), model.pop('_scope_', None)
+    assert ours == theirs
+
+
+def test_dcn_config_deploys_to_upstreams_stock_dcn_model():
+    """deploy_config: mmdet's ResNet with the same dcn; the re-parameterized backbone loads into
+    it strictly, DCN layers included (tiny widths: the structure is what is checked)."""
+    from mmcv.ops import DeformConv2dPack
+    from orepa_mm.apis import deploy_config
+    cfg = load('faster_rcnn_orepa_r50_dcn')
+    deployed = deploy_config(cfg)
+    backbone = deployed.model.backbone
+    assert backbone.type == 'ResNet' and backbone.get('init_cfg') is None
+    assert backbone.dcn == cfg.model.backbone.dcn
+    assert backbone.stage_with_dcn == cfg.model.backbone.stage_with_dcn
+    assert 'orepa_mm' not in str(deployed.get('custom_imports'))
+    tiny = dict(base_channels=8, init_cfg=None)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(dict(deepcopy(cfg.model.backbone), **tiny))
+        stock = MODELS.build(dict(deepcopy(backbone), **tiny))
+    assert isinstance(model.layer3[0].conv2, DeformConv2dPack)
+    assert isinstance(model.layer3[0].conv1, ReparamConv2d)
+    model.switch_to_deploy()
+    stock.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), stock.eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        for a, b in zip(model(x), stock(x)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

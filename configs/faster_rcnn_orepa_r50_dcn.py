@@ -1,0 +1,30 @@
+# Faster R-CNN, OREPA-ResNet-50 + DCN in stages c3-c5 + FPN, COCO 1x (12 epochs, 8 GPUs x 2 images).
+# Identical to mmdet's dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py except for the backbone
+# type, its pretrained weights and a 0.1 LR multiplier on the stem (the authors' advice for OREPA
+# stems). The deformable 3 x 3 convs of stages 2-4 stay mmcv's DCN; every other conv (stem,
+# 1 x 1 convs, shortcuts, stage 1) is OREPA. Deployed, it is mmdet's stock ResNet-50 with the
+# same `dcn` / `stage_with_dcn`.
+#
+# Weights: checkpoints/orepa_resnet50_official.pth, converted from the authors' ImageNet model:
+#   python tools/convert_official_checkpoint.py <OREPA ResNet-50 .pth.tar> \
+#       checkpoints/orepa_resnet50_official.pth
+# (the DCN layers load its 3 x 3 weights; their offset convs start at zero, as upstream's do).
+# Without it, start from stock torchvision weights (OREPA layers load plain conv weights
+# exactly) with the one switch
+#   --cfg-options model.backbone.init_cfg.checkpoint=torchvision://resnet50
+# Data: data/coco/ (README section 'Datasets').
+_base_ = 'mmdet::dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        type='OREPAResNet',
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/orepa_resnet50_official.pth')))
+
+# Upstream freezes the stem (frozen_stages=1); the multiplier applies once it is unfrozen
+# (e.g. --cfg-options model.backbone.frozen_stages=-1).
+optim_wrapper = dict(
+    paramwise_cfg=dict(custom_keys={'backbone.conv1': dict(lr_mult=0.1)}))
