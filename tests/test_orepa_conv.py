@@ -232,21 +232,21 @@ def test_deploy_matches_train_time_eval(conv_fn, device):
 def test_eval_kernel_cache_is_reused_and_invalidated():
     layer = OREPAConv2d(4, 8, 3).eval()
     with torch.no_grad():
-        first = layer.weight
-        assert layer.weight is first  # cached while nothing changes
+        first = layer.kernel()
+        assert layer.kernel() is first  # cached while nothing changes
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer.train()
     layer(torch.randn(1, 4, 6, 6)).sum().backward()
     opt.step()
     layer.eval()
     with torch.no_grad():
-        second = layer.weight
+        second = layer.kernel()
         assert second is not first and not torch.equal(second, first)
         assert torch.equal(second, layer.generate_kernel())
         layer.branch_scales.add_(1.0)  # any in-place change invalidates
         assert torch.equal(layer.weight, layer.generate_kernel())
     layer.train()
-    assert layer._kernel_cache is None
+    assert layer._kernel_cache.lookup(layer.kernel_parameters()) is None
     assert layer.weight.requires_grad  # training: generated afresh, differentiable
 
 

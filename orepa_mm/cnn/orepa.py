@@ -48,8 +48,16 @@ class _StockWeightLoadingMixin:
     """
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        """Branch tensors (names relative to this module) whose kernel equals ``weight``."""
-        raise NotImplementedError
+        """Branch tensors (names relative to this module) whose kernel equals ``weight``: the
+        origin is ``weight``, its scale 1, every other branch's scale row 0."""
+        state = {name: p.detach().clone() for name, p in self.named_parameters()}
+        state['origin'] = weight
+        # A real (O-strided) tensor: an expanded view would share memory across channels,
+        # and an optimizer step on it (after load_state_dict(assign=True)) would fail.
+        scales = torch.zeros_like(self.branch_scales)
+        scales[0] = 1.0
+        state['branch_scales'] = scales
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -201,14 +209,6 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
             getattr(self, 'expand_identity', None), v_compose, pointwise, depthwise, v_dws,
             self.groups)
 
-    def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        state = {name: p.detach().clone() for name, p in self.named_parameters()}
-        state['origin'] = weight
-        scales = torch.zeros_like(self.branch_scales)
-        scales[0] = 1.0
-        state['branch_scales'] = scales
-        return state
-
 
 class OREPAConv1x1(_StockWeightLoadingMixin, ReparamConv2d):
     """The 1 x 1 OREPA block: origin + a linear 1x1-1x1 pair whose square factor starts as I.
@@ -264,12 +264,6 @@ class OREPAConv1x1(_StockWeightLoadingMixin, ReparamConv2d):
                                       self.linear_second.flatten(1),
                                       self.linear_first.flatten(1), scales[1])
         return kernel.view(self.out_channels, self.in_channels, 1, 1)
-
-    def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        state = {name: p.detach().clone() for name, p in self.named_parameters()}
-        state['origin'] = weight
-        state['branch_scales'] = torch.tensor([[1.0], [0.0]]).expand_as(self.branch_scales)
-        return state
 
 
 class OREPALargeConv2d(_StockWeightLoadingMixin, ReparamConv2d):

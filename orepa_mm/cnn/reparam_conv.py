@@ -6,7 +6,7 @@ fusion and FLOP counters work unchanged, and ``to_conv2d()`` bakes it into a sto
 ``nn.Conv2d`` under the same attribute name, which is what ``reparameterize_model`` relies on.
 """
 import copy
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.utils import _pair
+
+from .kernel_cache import KernelCache
+from .writable_kernel import WritableKernel
 
 
 class ReparamConv2d(BaseModule):
@@ -52,33 +55,79 @@ class ReparamConv2d(BaseModule):
         self.output_padding = (0, 0)
         self.padding_mode = 'zeros'
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self._kernel_cache: Optional[Tuple[tuple, Tensor]] = None
+        self._kernel_cache = KernelCache()
 
     # -- kernel -------------------------------------------------------------------------------
     def generate_kernel(self) -> Tensor:
         """The equivalent (O, I/g, k, k) kernel of all branches (differentiable)."""
         raise NotImplementedError
 
-    def _cache_key(self) -> tuple:
-        # A tensor's version counter moves on every in-place update (optimizer step,
-        # load_state_dict) and its data pointer on .to()/.cuda(): together they say
-        # whether a cached kernel is stale, without comparing values.
-        return tuple((t.data_ptr(), t._version) for t in self.parameters())
+    def kernel_parameters(self) -> List[Tensor]:
+        """The parameters the kernel is a function of (all but ``bias``)."""
+        return [p for name, p in self.named_parameters() if name != 'bias']
+
+    def kernel(self) -> Tensor:
+        """The squeezed kernel as a plain tensor, generated in fp32 under autocast.
+
+        Generated afresh whenever autograd needs it (training: some parameter requires grad).
+        Otherwise (validation, a frozen stage, a teacher model) it is reused for as long as
+        the parameters hold exactly the values it was made from (:class:`KernelCache`,
+        exact also for ``.data`` writes), so an unconverted model evaluates and a frozen
+        stage trains at almost the cost of a plain conv. Never cached under torch.compile.
+        """
+        params = self.kernel_parameters()
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._kernel_cache.clear()
+            return self._generate_full_precision()
+        cached = self._kernel_cache.lookup(params)
+        if cached is None:
+            cached = self._kernel_cache.store(params, self._generate_full_precision())
+        return cached
+
+    def clear_kernel_cache(self) -> None:
+        """Drop the cached kernel (it is also dropped by ``train()`` / ``eval()``)."""
+        self._kernel_cache.clear()
 
     @property
     def weight(self) -> Tensor:
-        """The squeezed kernel, generated in fp32 under autocast.
+        """The squeezed kernel, like ``nn.Conv2d.weight``; writes to it are loaded back.
 
-        With autograd off (validation, inference) it is computed once and reused until a
-        parameter changes, so an unconverted model evaluates at the cost of the plain one.
+        ``layer.weight = w``, ``layer.weight.data = w``, ``nn.init.*_(layer.weight)``,
+        ``layer.weight.copy_(w)``: each sets the layer so that its kernel equals the written
+        value exactly (:meth:`load_kernel`). See :mod:`orepa_mm.cnn.writable_kernel`.
         """
-        if torch.is_grad_enabled():
-            self._kernel_cache = None
-            return self._generate_full_precision()
-        key = self._cache_key()
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, self._generate_full_precision())
-        return self._kernel_cache[1]
+        kernel = self.kernel()
+        if torch.compiler.is_compiling():
+            return kernel
+        return WritableKernel.of(kernel, self)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == 'weight':
+            if not isinstance(value, Tensor):
+                raise TypeError(f'{type(self).__name__}.weight can only be set to a tensor '
+                                f'(the kernel to load), got {type(value).__name__}.')
+            self.load_kernel(value)
+            return
+        super().__setattr__(name, value)
+
+    def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
+        """Parameter values (names relative to this layer) whose kernel is exactly ``weight``."""
+        raise TypeError(f'a kernel cannot be written into a {type(self).__name__} layer (its '
+                        'branches have their own norms); re-parameterize the model first '
+                        '(orepa_mm.reparameterize_model) and write the deployed conv.')
+
+    @torch.no_grad()
+    def load_kernel(self, weight: Tensor) -> None:
+        """Make the squeezed kernel exactly ``weight``: origin = ``weight``, every other branch
+        scaled to zero (as when a stock ``weight`` is loaded from a state dict)."""
+        expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f'cannot write a kernel of shape {tuple(weight.shape)} into a '
+                             f'{type(self).__name__} layer of shape {expected}.')
+        for name, value in self.stock_state(weight.detach()).items():
+            self.get_parameter(name).copy_(value)
+        self.clear_kernel_cache()
 
     def _generate_full_precision(self) -> Tensor:
         device_type = self.branch_parameter().device.type
@@ -90,11 +139,11 @@ class ReparamConv2d(BaseModule):
         return next(self.parameters())
 
     def train(self, mode: bool = True):
-        self._kernel_cache = None
+        self._kernel_cache.clear()
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+        return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
     # -- deploy -------------------------------------------------------------------------------
@@ -127,3 +176,15 @@ class ReparamConv2d(BaseModule):
         if self.bias is None:
             s += ', bias=False'
         return s
+
+
+def clear_kernel_cache(model: nn.Module) -> int:
+    """Drop the cached kernel of every re-param layer in ``model``; returns how many.
+
+    Never needed for correctness (the cache checks parameter values before every reuse); it
+    frees the cached kernels and parameter copies, e.g. before saving memory for training.
+    """
+    layers = [m for m in model.modules() if isinstance(m, ReparamConv2d)]
+    for layer in layers:
+        layer.clear_kernel_cache()
+    return len(layers)
