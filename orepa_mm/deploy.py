@@ -3,8 +3,19 @@
 Duck-typed like timm's ``reparameterize_model``: any module with ``to_conv2d()`` is replaced,
 under the same attribute name, by the conv it returns, so state-dict keys become the stock ones
 (``...conv2.weight``) and the deployed model needs no orepa_mm at inference time.
+
+Structural re-param blocks that hold re-param layers (mmpretrain's ``RepVGGBlock`` built with
+``conv_cfg=dict(type='OREPA')``, OREPA-VGG) are deployed too, with their own
+``switch_to_deploy()``: they fuse their branches into a conv they build with the same
+``conv_cfg`` (so again a re-param layer, which takes the fused kernel through its writable
+``weight``), and that conv is baked in turn. This is the one deploy walk of orepa_mm: the
+backbones' ``switch_to_deploy`` and ``tools/reparameterize.py`` call it.
 """
+import sys
+from typing import Iterator, List, Tuple
+
 import torch.nn as nn
+from mmengine.utils import ProgressBar
 
 
 def is_reparameterizable(module: nn.Module) -> bool:
@@ -12,20 +23,57 @@ def is_reparameterizable(module: nn.Module) -> bool:
     return callable(getattr(module, 'to_conv2d', None))
 
 
-def reparameterize_model(model: nn.Module) -> nn.Module:
+def reparam_sites(module: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) of every outermost re-param layer under ``module``."""
+    for name, child in module.named_children():
+        if is_reparameterizable(child):
+            yield module, name, child
+        else:
+            yield from reparam_sites(child)
+
+
+def _structural_blocks(module: nn.Module) -> List[nn.Module]:
+    """Outermost descendants with their own ``switch_to_deploy`` that hold re-param layers."""
+    found = []
+    for child in module.children():
+        if is_reparameterizable(child):
+            continue
+        if callable(getattr(child, 'switch_to_deploy', None)) and count_reparameterizable(child):
+            found.append(child)
+        else:
+            found.extend(_structural_blocks(child))
+    return found
+
+
+def _bake(model: nn.Module, bar) -> int:
+    sites = list(reparam_sites(model))
+    for parent, name, layer in sites:
+        setattr(parent, name, layer.to_conv2d())
+        if bar is not None:
+            bar.update()
+    return len(sites)
+
+
+def reparameterize_model(model: nn.Module, progress: bool = False) -> nn.Module:
     """Replace, in place, every re-param layer of ``model`` by its baked ``nn.Conv2d``.
 
-    Kernels are computed in float64 and cast back to each layer's dtype. Idempotent (a deployed
-    model has nothing left to replace). Returns ``model``; a model that is itself a re-param
+    Kernels are computed in float64 and cast back to each layer's dtype. Structural re-param
+    blocks holding re-param layers are switched to deploy (see the module docstring).
+    Idempotent (a deployed model has nothing left to replace). ``progress`` shows mmengine's
+    progress bar, one step per layer. Returns ``model``; a model that is itself a re-param
     layer cannot be replaced in place, so its conv is returned instead.
     """
     if is_reparameterizable(model):
         return model.to_conv2d()
-    for name, child in list(model.named_children()):
-        if is_reparameterizable(child):
-            setattr(model, name, child.to_conv2d())
-        else:
-            reparameterize_model(child)
+    blocks = _structural_blocks(model)
+    total = len(list(reparam_sites(model)))
+    bar = ProgressBar(total, file=sys.stdout) if progress and total else None
+    _bake(model, bar)
+    for block in blocks:
+        block.switch_to_deploy()
+    _bake(model, None)  # the convs those blocks fused their branches into
+    if bar is not None:
+        sys.stdout.write('\n')
     return model
 
 

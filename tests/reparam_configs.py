@@ -148,6 +148,27 @@ model = dict(
     test_cfg=dict(mode='whole'))
 '''
 
+#: mmpretrain's SE-ResNet-50 (squeeze-excitation after each bottleneck) with OREPA convs, thin.
+SE_RESNET_CLASSIFIER = '''
+default_scope = 'mmpretrain'
+custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+model = dict(
+    type='ImageClassifier',
+    data_preprocessor=dict(num_classes=5, mean=[123.675, 116.28, 103.53],
+                           std=[58.395, 57.12, 57.375], to_rgb=True),
+    backbone=dict(type='SEResNet', depth=50, stem_channels=8, base_channels=8,
+                  conv_cfg=dict(type='OREPA'), out_indices=(3, )),
+    neck=dict(type='GlobalAveragePooling'),
+    head=dict(type='LinearClsHead', num_classes=5, in_channels=256,
+              loss=dict(type='CrossEntropyLoss', loss_weight=1.0)))
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='ResizeEdge', scale=40, edge='short'),
+    dict(type='CenterCrop', crop_size=32),
+    dict(type='PackInputs'),
+]
+'''
+
 #: A classifier without anything to re-parameterize.
 STOCK_CLASSIFIER = '''
 default_scope = 'mmpretrain'

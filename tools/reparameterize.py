@@ -1,7 +1,7 @@
 """Re-parameterize a trained orepa_mm model into a verified stock checkpoint + config.
 
     python tools/reparameterize.py CONFIG CHECKPOINT --out DIR [--ema | --no-ema]
-        [--device cpu|cuda] [--input-size H W] [--rtol 1e-4] [--onnx]
+        [--device cpu|cuda] [--input-size H W] [--rtol 1e-9] [--onnx]
 
 Works for mmdet detectors, mmseg segmentors and mmpretrain classifiers built from orepa_mm
 backbones or with ``conv_cfg=dict(type='OREPA')`` (``'OREPAVGGConv'``, ``'DBB'``) anywhere.
@@ -21,7 +21,8 @@ Exit codes:
        to re-parameterize, output directory not writable (one sentence on stderr);
     2  bad command line (argparse);
     3  the checkpoint is already re-parameterized: nothing to do, use it as is;
-    4  verification failed: an output (or onnxruntime) is beyond --rtol.
+    4  verification failed: an output is beyond --rtol (compared in float64), or beyond 1e-4
+       in float32 where it cannot run in float64 (or onnxruntime).
 Nothing is written unless the exit code is 0.
 
 Next step, from an mmdeploy checkout (see the printed command for your task):
@@ -56,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='device for building and verifying (default: cpu)')
     parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
                         help="verification input size (default: the config's test size)")
-    parser.add_argument('--rtol', type=float, default=1e-4,
-                        help='largest accepted relative error of any output (default: 1e-4)')
+    parser.add_argument('--rtol', type=float, default=None,
+                        help='largest accepted relative error of any output, both models in '
+                        'float64 (default: 1e-9, orepa_mm.apis.reparameterize.DEFAULT_RTOL); '
+                        'the float32 agreement is reported beside it')
     parser.add_argument('--onnx', action='store_true',
                         help='also export backbone (+neck) to ONNX and check onnxruntime')
     return parser.parse_args(argv)
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Imported after argument parsing so --help and usage errors stay instant.
     from orepa_mm.apis import ReparameterizeError, VerificationError, reparameterize_checkpoint
-    from orepa_mm.apis.reparameterize import format_errors
+    from orepa_mm.apis.reparameterize import DEFAULT_RTOL, format_errors
+    rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
 
     try:
         with warnings.catch_warnings():
@@ -77,10 +81,10 @@ def main(argv=None) -> int:
                 args.config, args.checkpoint, args.out, use_ema=args.use_ema,
                 device=args.device,
                 input_size=tuple(args.input_size) if args.input_size else None,
-                rtol=args.rtol, export_onnx=args.onnx)
+                rtol=rtol, export_onnx=args.onnx)
     except ReparameterizeError as exc:
         if isinstance(exc, VerificationError) and exc.errors:
-            print('\n'.join(format_errors(exc.errors, args.rtol)))
+            print('\n'.join(format_errors(exc.errors, rtol)))
         print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code
     print()

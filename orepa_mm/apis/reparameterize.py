@@ -19,13 +19,13 @@ and callable from Python (demos, notebooks):
 Every refusal is a :class:`ReparameterizeError` whose message is one sentence and whose
 ``exit_code`` is what the CLI returns; nothing is written when one is raised.
 """
+import contextlib
 import copy
 import datetime
 import os
 import os.path as osp
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -39,11 +39,10 @@ from mmengine.logging import print_log
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner.checkpoint import _load_checkpoint
-from mmengine.utils import ProgressBar
 
-from ..deploy import count_reparameterizable, is_reparameterizable
+from ..deploy import count_reparameterizable, reparam_sites, reparameterize_model
 from .deploy_config import deploy_config
-from .verification import (OutputError, check_onnx, compare_outputs, complexity,
+from .verification import (OUTPUT_GROUPS, OutputError, check_onnx, compare_outputs, complexity,
                            config_input_size, deterministic_image)
 from .verification import export_onnx as _export_onnx
 from .verification import library_of, make_batch, model_outputs, run_safely
@@ -52,6 +51,13 @@ from .text_table import format_rows, human_number
 DEPLOY_CHECKPOINT = 'deploy.pth'
 DEPLOY_CONFIG = 'deploy_config.py'
 DEPLOY_ONNX = 'deploy_backbone.onnx'
+
+#: Gate of the float64 comparison: conversions are exact to ~1e-12 there, while a wrong
+#: conversion (or even a kernel rounded to float32) is off by 1e-7 or much more.
+DEFAULT_RTOL = 1e-9
+#: Outputs that cannot run in float64 (float32-only post-processing) and onnxruntime (the
+#: exported float32 graph) are compared in float32: their agreement is float32 rounding.
+FLOAT32_RTOL = ONNX_RTOL = 1e-4
 
 EXIT_BAD_INPUT = 1
 EXIT_ALREADY_DEPLOYED = 3
@@ -120,7 +126,7 @@ class ReparameterizeResult:
 
     @property
     def max_rel_error(self) -> float:
-        gated = [e.rel for e in self.errors + self.onnx_errors if e.gated]
+        gated = [e.rel for e in self.errors if e.gated and e.tolerance is None]
         return max(gated) if gated else 0.0
 
     def mmdeploy_command(self, image: str = 'demo.jpg') -> str:
@@ -295,38 +301,9 @@ def _build_model(cfg: Config, device: str, what: str) -> nn.Module:
     return model
 
 
-def _reparam_sites(module: nn.Module):
-    """(parent, name, layer) of every outermost re-param layer under ``module``."""
-    for name, child in module.named_children():
-        if is_reparameterizable(child):
-            yield module, name, child
-        else:
-            yield from _reparam_sites(child)
-
-
 def _is_orepa_backbone(module: nn.Module) -> bool:
     return (type(module).__module__.startswith('orepa_mm.')
             and callable(getattr(module, 'switch_to_deploy', None)))
-
-
-def bake(model: nn.Module, progress: bool) -> int:
-    """Re-parameterize ``model`` in place; returns the number of layers baked.
-
-    Every re-param layer becomes its float64-baked ``nn.Conv2d`` (one progress step each);
-    then orepa_mm backbones run ``switch_to_deploy`` for what goes beyond single layers
-    (OREPAVGG fuses RepVGG's 1x1 and identity branches into the 3x3 conv).
-    """
-    sites = list(_reparam_sites(model))
-    bar = ProgressBar(len(sites), file=sys.stdout) if progress and sites else None
-    for parent, name, layer in sites:
-        setattr(parent, name, layer.to_conv2d())
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        sys.stdout.write('\n')
-    for module in [m for m in model.modules() if _is_orepa_backbone(m)]:
-        module.switch_to_deploy()
-    return len(sites)
 
 
 def _check_keys(model: nn.Module, state: Dict[str, torch.Tensor], deployed_keys: Sequence[str],
@@ -463,7 +440,7 @@ def reparameterize_checkpoint(config: str,
                               use_ema: Optional[bool] = None,
                               device: str = 'cpu',
                               input_size: Optional[Tuple[int, int]] = None,
-                              rtol: float = 1e-4,
+                              rtol: float = DEFAULT_RTOL,
                               export_onnx: bool = False,
                               verbose: bool = True) -> ReparameterizeResult:
     """Convert a train-time checkpoint into a verified deployable one (see module docstring).
@@ -475,7 +452,7 @@ def reparameterize_checkpoint(config: str,
         use_ema: True: require and use EMA weights; False: the raw weights; None: EMA if any.
         device: 'cpu' or 'cuda' for building and verifying.
         input_size: (H, W) of the verification input; default: the config's test size.
-        rtol: largest relative error accepted for any output (and for onnxruntime).
+        rtol: largest relative error accepted for any output, compared in float64\n            (onnxruntime, float32 only, is checked against ONNX_RTOL).
         export_onnx: also export backbone (+ neck) to ONNX and check it with onnxruntime.
         verbose: log the steps, the progress bar and the comparison.
 
@@ -523,7 +500,7 @@ def reparameterize_checkpoint(config: str,
         writers = {}
         if export_onnx:
             onnx_file = osp.join(tmp, DEPLOY_ONNX)
-            onnx_errors = _export_and_check_onnx(stock, inputs, onnx_file, rtol, errors, verbose)
+            onnx_errors = _export_and_check_onnx(stock, inputs, onnx_file, errors, verbose)
             writers[DEPLOY_ONNX] = lambda path: shutil.copyfile(onnx_file, path)
         record = dict(
             tool='orepa_mm tools/reparameterize.py',
@@ -537,7 +514,11 @@ def reparameterize_checkpoint(config: str,
             layers=num_baked,
             input_size=list(size),
             rtol=rtol,
-            max_rel_error=max([e.rel for e in errors + onnx_errors if e.gated], default=0.0),
+            max_rel_error=max([e.rel for e in errors if e.gated and e.tolerance is None],
+                              default=0.0),
+            float32_max_rel_error=max([e.rel for e in errors if e.name.startswith('float32')
+                                       or e.tolerance is not None], default=None),
+            onnx_max_rel_error=max([e.rel for e in onnx_errors], default=None),
             errors={e.name: e.as_dict() for e in errors + onnx_errors},
         )
         new_meta = _plain(copy.deepcopy(meta))
@@ -575,8 +556,9 @@ def _deployed_config(cfg: Config, config: str) -> Tuple[str, Config]:
 def _convert_into(stock: nn.Module, model: nn.Module, config: str, verbose: bool) -> int:
     """Bake a copy of ``model`` and load it strictly into ``stock``; returns the layer count."""
     deployed = copy.deepcopy(model)
-    _log(f'baking {len(list(_reparam_sites(deployed)))} re-param layers in float64', verbose)
-    num_baked = bake(deployed, progress=verbose)
+    num_baked = len(list(reparam_sites(deployed)))
+    _log(f'baking {num_baked} re-param layers in float64', verbose)
+    reparameterize_model(deployed, progress=verbose)
     missing, unexpected = stock.load_state_dict(deployed.state_dict(), strict=False)
     if missing or unexpected:
         raise ReparameterizeError(
@@ -588,39 +570,108 @@ def _convert_into(stock: nn.Module, model: nn.Module, config: str, verbose: bool
     return num_baked
 
 
-def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float,
-            verbose: bool) -> List[OutputError]:
-    """Every output of both models on ``image``; :class:`VerificationError` beyond ``rtol``."""
-    with warnings.catch_warnings():
+def _exact_copies(model: nn.Module, stock: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """float64 copies of the train-time model and of the deployed one, the latter loaded with
+    kernels baked in float64 and kept in float64 (no cast to the checkpoint's fp32)."""
+    model64 = copy.deepcopy(model).double().eval()
+    baked64 = reparameterize_model(copy.deepcopy(model64))
+    stock64 = copy.deepcopy(stock).double()
+    stock64.load_state_dict(baked64.state_dict(), strict=True)
+    return model64, stock64.eval()
+
+
+def _outputs(model: nn.Module, image: torch.Tensor, dtype: torch.dtype, what: str,
+             groups: Sequence[str] = OUTPUT_GROUPS) -> Dict[str, torch.Tensor]:
+    with warnings.catch_warnings(), _true_float32():
         warnings.simplefilter('ignore')
         try:
-            reference = run_safely('running the train-time model', model_outputs, model, image)
-            actual = run_safely('running the deployed model', model_outputs, stock, image)
+            return run_safely(f'running the {what} model', model_outputs, model, image, dtype,
+                              groups)
         except RuntimeError as exc:
             raise ReparameterizeError(f'{exc}; if the input size is the cause, pass --input-size '
                                       'H W.') from exc
+
+
+@contextlib.contextmanager
+def _true_float32():
+    """TF32 off for the comparison: float32 outputs are then float32 on a GPU too."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _exact_outputs(model64: nn.Module, stock64: nn.Module, image: torch.Tensor):
+    """Both float64 models' outputs, as far as the model runs in float64: some
+    post-processing (mmcv's NMS in an RPN or in ``predict``) has float32-only kernels, so the
+    groups from the first that fails on are left to the float32 comparison."""
+    for last in range(len(OUTPUT_GROUPS), 0, -1):
+        groups = OUTPUT_GROUPS[:last]
+        try:
+            return (_outputs(model64, image, torch.float64, 'train-time', groups),
+                    _outputs(stock64, image, torch.float64, 'deployed', groups))
+        except ReparameterizeError:
+            if last == 1:
+                raise
+    raise AssertionError('unreachable')
+
+
+def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float,
+            verbose: bool) -> List[OutputError]:
+    """Every output of both models on ``image``; :class:`VerificationError` beyond the gates.
+
+    Gated in float64 (both models, kernels baked in float64): rounding, TF32 convolutions and
+    the order of float32 sums cannot touch it, so a conversion is exact to ~1e-12 and any
+    structural mistake stands out by orders of magnitude. Outputs whose computation cannot run
+    in float64 (mmcv's float32-only NMS) are gated in float32 with TF32 off, at
+    ``FLOAT32_RTOL``. The float32 agreement of the written (fp32) weights on the outputs
+    compared in float64 is reported beside it, for information.
+    """
+    model64, stock64 = _exact_copies(model, stock)
+    reference, actual = _exact_outputs(model64, stock64, image)
+    del model64, stock64
     errors = compare_outputs(reference, actual)
+    fp32 = compare_outputs(_outputs(model, image, torch.float32, 'train-time'),
+                           _outputs(stock, image, torch.float32, 'deployed'))
+    for error in fp32:
+        if error.name not in reference:
+            error.tolerance = FLOAT32_RTOL
+            error.note = 'float32: cannot run in float64'
+            errors.append(error)
+    informative = [e for e in fp32 if e.gated and e.name in reference]
+    if informative:
+        worst = max(informative, key=lambda e: e.rel)
+        errors.append(OutputError('float32 (written weights), worst output', worst.max_abs,
+                                  worst.rel, gated=False, note=worst.name))
     _log('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
          verbose)
     failed = [e for e in errors if not e.passes(rtol)]
     if failed:
         worst = max(failed, key=lambda e: e.rel)
+        gate = rtol if worst.tolerance is None else worst.tolerance
+        precision = 'float64' if worst.tolerance is None else 'float32'
         raise VerificationError(
             f'the deployed model differs from the train-time model: {len(failed)} outputs '
-            f'beyond rtol {rtol:g} (worst {worst.name}, relative error {worst.rel:.3g}); '
-            'nothing written.', errors)
+            f'beyond their tolerance (worst {worst.name}, relative error {worst.rel:.3g} in '
+            f'{precision}, rtol {gate:g}); nothing written.', errors)
     return errors
 
 
-def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str, rtol: float,
+def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str,
                            errors: List[OutputError], verbose: bool) -> List[OutputError]:
-    """Export backbone (+ neck) to ``path`` and compare onnxruntime with PyTorch."""
+    """Export backbone (+ neck) to ``path`` and compare onnxruntime with PyTorch (float32,
+    gated at ``ONNX_RTOL``)."""
+    rtol = ONNX_RTOL
     _log('exporting backbone (+neck) to ONNX and checking onnxruntime', verbose)
     try:
         names = run_safely('ONNX export', _export_onnx, stock, inputs, path)
         onnx_errors = run_safely('onnxruntime', check_onnx, stock, inputs, path, names)
     except RuntimeError as exc:
         raise ReparameterizeError(f'{exc}.') from exc
+    for error in onnx_errors:
+        error.tolerance = rtol
     _log('onnxruntime vs PyTorch, per output:\n' + '\n'.join(format_errors(onnx_errors, rtol)),
          verbose)
     failed = [e for e in onnx_errors if not e.passes(rtol)]
