@@ -161,9 +161,6 @@ SWEEP = {
 DEPLOYED_AS = {
     'mmpretrain.RepVGG': (dict(deploy=True), 1e-5),
 }
-XFAIL = {
-    'mmpretrain.RepVGG': 'RepVGG.switch_to_deploy writes branch_reparam.weight.data: being fixed',
-}
 
 # id -> (library, class, arguments, exception, message): refused when built with OREPA.
 REFUSED = {
@@ -227,9 +224,7 @@ def rel_err(a, b):
 
 
 def sweep_params():
-    return [pytest.param(*case, *DEPLOYED_AS.get(case_id, ({}, 1e-10)), id=case_id,
-                         marks=[pytest.mark.xfail(strict=False, reason=XFAIL[case_id])]
-                         if case_id in XFAIL else [])
+    return [pytest.param(*case, *DEPLOYED_AS.get(case_id, ({}, 1e-10)), id=case_id)
             for case_id, case in SWEEP.items()]
 
 
