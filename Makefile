@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo benchmark clean
+.PHONY: install test test-fast demo benchmark gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: install
 
 benchmark: install
 	$(PY) tools/benchmark.py
+
+gpu-check: install   # on a machine with a CUDA GPU: CUDA tests, reparameterize, benchmark table
+	PY=$(PY) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) work_dirs data/demo build orepa_mm/_kxk_kernel_ops*.so

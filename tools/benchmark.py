@@ -2,6 +2,8 @@
 
     python tools/benchmark.py                                  # both workloads, default models
     python tools/benchmark.py --workloads cls --models resnet50 --batch-size 16 --steps 10
+    python tools/benchmark.py --device cuda --models resnet50 --batch-size cls=64 det=2 \
+        --modes eager compiled                                 # what tools/gpu_check.sh runs
 
 Every (model, variant, workload) runs in fresh processes (``--worker train|eval``): one
 measures a training step (forward + backward + SGD step, the median over ``--steps`` steps
@@ -9,7 +11,10 @@ after warm-up), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
 part of it added by training) and parameters; the other times the eval forward of the
 unconverted model (cached kernels) and of the deployed model, alternately, step by step.
 Prints absolute values and ratios to the plain model of the same run, writes JSON and a PNG
-bar chart. A benchmark, not a test.
+bar chart. ``--modes eager compiled`` also times the training step of every variant (or of
+``--compiled-variants``) under ``torch.compile`` (``--compile-backend``, default inductor; the
+first warm-up step compiles), with ratios to the plain model in the same mode and compiled /
+eager ratios. A benchmark, not a test.
 """
 import argparse
 import copy
@@ -99,11 +104,16 @@ def _inputs(args, device, variant=None):
     return model, x, target
 
 
+def _maybe_compiled(model, args):
+    return torch.compile(model, backend=args.compile_backend) if args.compiled else model
+
+
 def run_train_worker(args) -> dict:
     """Training step time and peak memory of one variant, in this (fresh) process."""
     device = torch.device(args.device)
     model, x, target = _inputs(args, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    model = _maybe_compiled(model, args)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = peak_memory_mb(device)
@@ -134,15 +144,16 @@ def run_eval_worker(args) -> dict:
     model, x, _ = _inputs(args, device)
     plain, _, _ = _inputs(args, device, variant='plain')
     deployed, plain_deployed = copy.deepcopy(model), copy.deepcopy(plain)
+    with torch.no_grad():
+        for net in (plain_deployed, deployed):
+            reparameterize_model(net)
+            if hasattr(net.backbone, 'switch_to_deploy'):  # the stock RepVGG's own fusion
+                net.backbone.switch_to_deploy()
     nets = {'eval_plain_s': plain, 'eval_unconverted_s': model,
             'eval_plain_deployed_s': plain_deployed, 'eval_deployed_s': deployed}
     with torch.no_grad():
         for net in nets.values():
             net.eval()
-        for net in (plain_deployed, deployed):
-            reparameterize_model(net)
-            if hasattr(net.backbone, 'switch_to_deploy'):
-                net.backbone.switch_to_deploy()
         samples = {key: [] for key in nets}
         for step in range(args.warmup + args.steps):
             for key, net in nets.items():
@@ -160,31 +171,46 @@ def environment(device: str) -> dict:
     return env
 
 
+def _eval_columns(r) -> str:
+    if 'eval_unconverted_s' not in r:
+        return f'{"-":>9}{"-":>7}{"-":>9}{"-":>7}'
+    return (f"{r['eval_unconverted_s']:>9.3f}"
+            f"{r['eval_unconverted_s'] / r['eval_plain_s']:>6.2f}x"
+            f"{r['eval_deployed_s']:>9.3f}"
+            f"{r['eval_deployed_s'] / r['eval_plain_deployed_s']:>6.2f}x")
+
+
 def print_table(results, env):
     print(f"\n{env}")
-    header = (f'{"workload":<9}{"model":<10}{"variant":<8}{"train s":>9}{"x":>7}{"mem MB":>9}'
+    header = (f'{"workload":<9}{"model":<10}{"mode":<9}{"variant":<8}{"train s":>9}{"x":>7}{"mem MB":>9}'
               f'{"x":>7}{"eval s":>9}{"x":>7}{"deploy s":>9}{"x":>7}{"params M":>10}')
     print(header)
     print('-' * len(header))
     for r in results:
         base = next(b for b in results if b['workload'] == r['workload']
-                    and b['model'] == r['model'] and b['variant'] == 'plain')
-        print(f"{r['workload']:<9}{r['model']:<10}{r['variant']:<8}"
+                    and b['model'] == r['model'] and b['mode'] == r['mode']
+                    and b['variant'] == 'plain')
+        print(f"{r['workload']:<9}{r['model']:<10}{r['mode']:<9}{r['variant']:<8}"
               f"{r['train_step_s']:>9.3f}{r['train_step_s'] / base['train_step_s']:>6.2f}x"
               f"{r['peak_memory_mb']:>9.0f}{r['peak_memory_mb'] / base['peak_memory_mb']:>6.2f}x"
-              f"{r['eval_unconverted_s']:>9.3f}"
-              f"{r['eval_unconverted_s'] / r['eval_plain_s']:>6.2f}x"
-              f"{r['eval_deployed_s']:>9.3f}"
-              f"{r['eval_deployed_s'] / r['eval_plain_deployed_s']:>6.2f}x"
-              f"{r['params'] / 1e6:>10.1f}")
-    print('train and memory x: ratio to the plain model of this run; eval (deploy) x: ratio '
-          'to the plain model as trained (deployed), timed alternately in the same process.')
+              f"{_eval_columns(r)}{r['params'] / 1e6:>10.1f}")
+    print('train and memory x: ratio to the plain model of this run (same mode); eval (deploy) '
+          'x: ratio to the plain model as trained (deployed), timed alternately in the same '
+          'process.')
+    eager = {(r['workload'], r['model'], r['variant']): r for r in results
+             if r['mode'] == 'eager'}
+    for r in results:
+        e = eager.get((r['workload'], r['model'], r['variant']))
+        if r['mode'] == 'compiled' and e:
+            print(f"compiled / eager train step: {r['workload']} {r['model']} {r['variant']}: "
+                  f"{r['train_step_s'] / e['train_step_s']:.2f}x")
 
 
 def plot(results, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    results = [r for r in results if r['mode'] == 'eager'] or results
     groups = sorted({(r['workload'], r['model']) for r in results})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key, title in zip(axes, ('train_step_s', 'peak_memory_mb'),
@@ -206,12 +232,30 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def _batch_sizes(values, parser) -> dict:
+    """``['64']`` -> {None: 64}; ``['cls=64', 'det=2']`` -> {'cls': 64, 'det': 2}."""
+    sizes = {}
+    for value in values:
+        workload, _, number = value.rpartition('=')
+        if (workload and workload not in WORKLOADS) or not number.isdigit():
+            parser.error(f'--batch-size takes N or WORKLOAD=N with WORKLOAD in '
+                         f'{sorted(WORKLOADS)}, got {value!r}')
+        sizes[workload or None] = int(number)
+    return sizes
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--workloads', nargs='+', default=['det', 'cls'], choices=WORKLOADS)
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=MODELS)
     parser.add_argument('--variants', nargs='+', default=['plain', 'dbb', 'orepa'])
-    parser.add_argument('--batch-size', type=int, help='overrides the workload default')
+    parser.add_argument('--batch-size', nargs='+', default=[], metavar='[WORKLOAD=]N',
+                        help='overrides the workload defaults: N for all, or e.g. cls=64 det=2')
+    parser.add_argument('--modes', nargs='+', default=['eager'], choices=('eager', 'compiled'))
+    parser.add_argument('--compile-backend', default='inductor')
+    parser.add_argument('--compiled-variants', nargs='+', default=['plain', 'dbb', 'orepa'],
+                        help='variants also timed compiled (train step only; plain always)')
+    parser.add_argument('--compiled', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'))
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
@@ -223,28 +267,35 @@ def main(argv=None):
     parser.add_argument('--workload', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        args.batch_size = int(args.batch_size[0])
         worker = run_train_worker if args.worker == 'train' else run_eval_worker
         print(json.dumps(worker(args)))
         return 0
 
+    batch_sizes = _batch_sizes(args.batch_size, parser)
     results = []
-    for workload in args.workloads:
-        batch = args.batch_size or WORKLOADS[workload]['batch_size']
+    for workload, mode in [(w, m) for w in args.workloads for m in args.modes]:
+        batch = batch_sizes.get(workload, batch_sizes.get(None, WORKLOADS[workload]['batch_size']))
         size = args.input_size or WORKLOADS[workload]['input_size']
         for model in args.models:
             for variant in MODELS[model]:
                 if variant not in args.variants and variant != 'plain':
                     continue
-                print(f'[benchmark] {workload} {model} {variant} (batch {batch}, {size})',
+                if (mode == 'compiled' and variant not in args.compiled_variants
+                        and variant != 'plain'):
+                    continue
+                print(f'[benchmark] {workload} {model} {variant} {mode} (batch {batch}, {size})',
                       flush=True)
-                result = dict(model=model, variant=variant, workload=workload,
+                result = dict(model=model, variant=variant, workload=workload, mode=mode,
                               batch_size=batch, input_size=list(size))
-                for phase in ('train', 'eval'):
+                # Compiled: the training step only (eval is the eager in-process comparison).
+                for phase in ('train', 'eval') if mode == 'eager' else ('train', ):
                     cmd = [sys.executable, os.path.abspath(__file__), '--worker', phase,
                            '--model', model, '--variant', variant, '--workload', workload,
                            '--batch-size', str(batch), '--input-size', *map(str, size),
                            '--steps', str(args.steps), '--warmup', str(args.warmup),
-                           '--device', args.device]
+                           '--device', args.device, '--compile-backend', args.compile_backend]
+                    cmd += ['--compiled'] if mode == 'compiled' else []
                     out = subprocess.run(cmd, capture_output=True, text=True)
                     if out.returncode != 0:
                         print(out.stderr[-2000:], file=sys.stderr)
