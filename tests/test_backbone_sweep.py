@@ -106,6 +106,7 @@ SWEEP = {
     'mmseg.ResNetV1c-D8': ('mmseg', 'ResNetV1c', dict(
         R50_DEEP_STEM, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True),
                            32),
+    'mmseg.ResNetV1d': ('mmseg', 'ResNetV1d', dict(R18, stem_channels=16), 32),
     'mmseg.ResNeXt': ('mmseg', 'ResNeXt', dict(R50, groups=4, base_width=4), 32),
     'mmseg.ResNeSt': ('mmseg', 'ResNeSt', dict(R50_DEEP_STEM, radix=2), 32),
     'mmseg.HRNet': ('mmseg', 'HRNet', dict(extra=HRNET_EXTRA), 32),
@@ -129,6 +130,7 @@ SWEEP = {
         out_channels=(8, 16, 16)), 64),
     # -- mmpretrain ---------------------------------------------------------------------------
     'mmpretrain.ResNet': ('mmpretrain', 'ResNet', dict(R50, out_indices=(0, 1, 2, 3)), 32),
+    'mmpretrain.ResNetV1c': ('mmpretrain', 'ResNetV1c', dict(R50_DEEP_STEM), 32),
     'mmpretrain.ResNetV1d': ('mmpretrain', 'ResNetV1d', dict(R18, stem_channels=16), 32),
     'mmpretrain.ResNet_CIFAR': ('mmpretrain', 'ResNet_CIFAR', dict(R18, stem_channels=8), 32),
     'mmpretrain.ResNeXt': ('mmpretrain', 'ResNeXt', dict(R50, groups=4, width_per_group=4), 32),
