@@ -25,12 +25,17 @@ import os
 import os.path as osp
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO not in sys.path:  # `python tools/demo.py` from anywhere, without installing orepa_mm
     sys.path.insert(0, REPO)
+
+# setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm libraries import:
+# nothing a user can act on. Must precede those imports.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
