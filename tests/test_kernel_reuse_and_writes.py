@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import orepa_mm
 from orepa_mm.cnn import DBBConv2d, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d
+from tests.numerics import random_bn_statistics, randomise, rel_err
 
 LAYERS = {
     'kxk': lambda: OREPAConv2d(4, 6, 3),
@@ -21,23 +22,11 @@ LAYERS = {
 }
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return module
-
-
 # -- reuse ---------------------------------------------------------------------------------
 @pytest.mark.parametrize('name', sorted(LAYERS))
 def test_eval_forward_sees_data_writes(name):
     """A teacher kept in eval mode, updated through .data (mmdet's MeanTeacherHook style)."""
-    layer = _randomise(LAYERS[name]()).eval()
+    layer = randomise(LAYERS[name]()).eval()
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         before = layer(x)
@@ -55,8 +44,8 @@ def test_eval_forward_sees_data_writes(name):
 
 def test_mean_teacher_hook_update_reaches_an_eval_teacher():
     """mmdet's MeanTeacherHook.momentum_update: dst.data.mul_(1 - m).add_(src.data, alpha=m)."""
-    student = _randomise(nn.Sequential(OREPAConv2d(3, 4, 3), OREPAConv1x1(4, 4)), seed=1)
-    teacher = _randomise(copy.deepcopy(student), seed=2).eval()
+    student = randomise(nn.Sequential(OREPAConv2d(3, 4, 3), OREPAConv1x1(4, 4)), seed=1)
+    teacher = randomise(copy.deepcopy(student), seed=2).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     x = torch.randn(1, 3, 8, 8)
@@ -71,7 +60,7 @@ def test_mean_teacher_hook_update_reaches_an_eval_teacher():
 
 
 def test_frozen_layer_reuses_its_kernel_until_a_parameter_changes():
-    layer = _randomise(OREPAConv2d(4, 6, 3))
+    layer = randomise(OREPAConv2d(4, 6, 3))
     for p in layer.parameters():
         p.requires_grad_(False)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
@@ -148,7 +137,7 @@ WRITES = _write_cases()
 @pytest.mark.parametrize('name', sorted(LAYERS))
 @pytest.mark.parametrize('write', sorted(WRITES))
 def test_weight_write_sets_the_kernel_exactly(name, write):
-    layer = _randomise(LAYERS[name]())
+    layer = randomise(LAYERS[name]())
     target = torch.randn(layer.kernel().shape)
     for mode in (True, False):  # in training and in eval mode
         layer.train(mode)
@@ -160,7 +149,7 @@ def test_weight_write_sets_the_kernel_exactly(name, write):
 
 @pytest.mark.parametrize('name', sorted(LAYERS))
 def test_nn_init_on_weight_initialises_the_kernel(name):
-    layer = _randomise(LAYERS[name]())
+    layer = randomise(LAYERS[name]())
     before = layer.generate_kernel().detach()
     weight = layer.weight
     nn.init.kaiming_normal_(weight, mode='fan_out', nonlinearity='relu')
@@ -187,7 +176,7 @@ def test_init_cfg_override_by_name_initialises_an_orepa_layer():
 
 
 def test_reads_of_weight_are_plain_tensors():
-    layer = _randomise(OREPAConv2d(4, 6, 3))
+    layer = randomise(OREPAConv2d(4, 6, 3))
     w = layer.weight
     derived = w * 2 + 1
     assert type(derived) is torch.Tensor
@@ -223,17 +212,6 @@ def test_stock_weight_loaded_with_assign_trains():
 
 
 # -- structural re-param blocks that write their fused kernel -------------------------------
-def _random_bn_statistics(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 @pytest.mark.parametrize('deploy', ['switch_to_deploy', 'reparameterize_model'])
 def test_mmpretrain_repvgg_with_orepa_convs_deploys_exactly(deploy, one_thread):
     """Finding 1: RepVGGBlock.switch_to_deploy writes `branch_reparam.weight.data = fused`
@@ -242,7 +220,7 @@ def test_mmpretrain_repvgg_with_orepa_convs_deploys_exactly(deploy, one_thread):
     torch.manual_seed(0)
     arch = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25],
                 group_layer_map=None, se_cfg=None)
-    model = _random_bn_statistics(RepVGG(arch=arch, conv_cfg=dict(type='OREPA'),
+    model = random_bn_statistics(RepVGG(arch=arch, conv_cfg=dict(type='OREPA'),
                                          out_indices=(1, 3)))
     model.eval()  # mm backbones' train() returns None: never chain it
     x = torch.randn(2, 3, 32, 32)
@@ -252,7 +230,7 @@ def test_mmpretrain_repvgg_with_orepa_convs_deploys_exactly(deploy, one_thread):
         model.switch_to_deploy()  # what mmdeploy calls
         with torch.no_grad():
             for out, ref in zip(model(x), reference):
-                assert _rel(out, ref) < 1e-5
+                assert rel_err(out, ref) < 1e-5
     orepa_mm.reparameterize_model(model)
     assert orepa_mm.count_reparameterizable(model) == 0
     stock = RepVGG(arch=arch, deploy=True, out_indices=(1, 3))
@@ -260,18 +238,18 @@ def test_mmpretrain_repvgg_with_orepa_convs_deploys_exactly(deploy, one_thread):
     stock.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         for out, ref in zip(stock(x), reference):
-            assert _rel(out, ref) < 1e-5
+            assert rel_err(out, ref) < 1e-5
 
 
 def test_mmcv_fuse_conv_bn_keeps_an_unconverted_model(one_thread):
     from mmcv.cnn import fuse_conv_bn
     from mmdet.models.backbones import ResNet
     torch.manual_seed(0)
-    model = _random_bn_statistics(ResNet(depth=18, conv_cfg=dict(type='OREPA')))
+    model = random_bn_statistics(ResNet(depth=18, conv_cfg=dict(type='OREPA')))
     model.eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         reference = model(x)
         fused = fuse_conv_bn(copy.deepcopy(model))
         for out, ref in zip(fused(x), reference):
-            assert _rel(out, ref) < 1e-5
+            assert rel_err(out, ref) < 1e-5

@@ -12,27 +12,12 @@ import torch.nn.functional as F
 from orepa_mm.cnn import (DBBConv2d, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d,
                           build_orepa_conv)
 from orepa_mm.deploy import count_reparameterizable, reparameterize_model
+from tests.numerics import randomise, rel_err
 
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason='no CUDA device'))]
 
 
-def _rel_err(a, b):
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def _randomise(module, seed=0):
-    """Random branch parameters, scales and BN statistics: default inits hide mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return module
 
 
 # -- offline (feature-space) references ---------------------------------------------------------
@@ -113,13 +98,13 @@ def _check_grads(layer, offline, x):
     x = x.double().requires_grad_(True)
     out_on = layer(x)
     out_off = offline(layer, x)
-    assert _rel_err(out_on, out_off) < 1e-5
+    assert rel_err(out_on, out_off) < 1e-5
     params = [x] + [p for p in layer.parameters()]
     r = torch.randn_like(out_on)
     g_on = torch.autograd.grad((out_on * r).sum(), params)
     g_off = torch.autograd.grad((out_off * r).sum(), params)
     for (name, _), a, b in zip([('input', None)] + list(layer.named_parameters()), g_on, g_off):
-        assert _rel_err(a, b) < 1e-5, name
+        assert rel_err(a, b) < 1e-5, name
 
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -128,7 +113,7 @@ def test_kxk_online_equals_offline(case, device):
     i, o, k, s, d, g, bias, branches = case
     kwargs = {} if branches is None else dict(branches=branches)
     torch.manual_seed(0)
-    layer = _randomise(OREPAConv2d(i, o, k, stride=s, dilation=d, groups=g, bias=bias,
+    layer = randomise(OREPAConv2d(i, o, k, stride=s, dilation=d, groups=g, bias=bias,
                                    **kwargs)).to(device)
     x = torch.randn(2, i, 11, 11, device=device)
     _check_grads(layer, offline_kxk, x)
@@ -138,7 +123,7 @@ def test_kxk_online_equals_offline(case, device):
 @pytest.mark.parametrize('i,o,s', [(6, 10, 1), (10, 6, 2), (8, 8, 1)])
 def test_1x1_online_equals_offline(i, o, s, device):
     torch.manual_seed(0)
-    layer = _randomise(OREPAConv1x1(i, o, 1, stride=s)).to(device)
+    layer = randomise(OREPAConv1x1(i, o, 1, stride=s)).to(device)
     _check_grads(layer, offline_1x1, torch.randn(2, i, 9, 9, device=device))
 
 
@@ -146,7 +131,7 @@ def test_1x1_online_equals_offline(i, o, s, device):
 @pytest.mark.parametrize('k,s,d', [(7, 2, 1), (7, 1, 2), (5, 2, 1)])
 def test_large_online_equals_offline(k, s, d, device):
     torch.manual_seed(0)
-    layer = _randomise(OREPALargeConv2d(3, 6, k, stride=s, dilation=d)).to(device)
+    layer = randomise(OREPALargeConv2d(3, 6, k, stride=s, dilation=d)).to(device)
     _check_grads(layer, offline_large, torch.randn(2, 3, 17, 17, device=device))
 
 
@@ -185,7 +170,7 @@ def test_stock_weight_loads_exactly(layer_fn, shape):
     result = layer.load_state_dict({'weight': stock}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
-        assert _rel_err(layer.generate_kernel(), stock) < 1e-6
+        assert rel_err(layer.generate_kernel(), stock) < 1e-6
     # The other branches still learn: the scale vectors get a gradient.
     layer.train()
     layer(torch.randn(1, shape[1] * layer.groups, 9, 9)).square().sum().backward()
@@ -214,7 +199,7 @@ def _host(conv):
 ])
 def test_deploy_matches_train_time_eval(conv_fn, device):
     torch.manual_seed(0)
-    model = _randomise(_host(conv_fn()), seed=1).to(device).eval()
+    model = randomise(_host(conv_fn()), seed=1).to(device).eval()
     x = torch.randn(2, model[0].in_channels, 15, 15, device=device)
     with torch.no_grad():
         before = model(x)
@@ -223,7 +208,7 @@ def test_deploy_matches_train_time_eval(conv_fn, device):
     assert set(deployed.state_dict()) >= {'0.weight', '1.weight', '1.running_var'}
     with torch.no_grad():
         after = deployed(x)
-    assert _rel_err(after, before) < 1e-5
+    assert rel_err(after, before) < 1e-5
     assert reparameterize_model(deployed) is deployed  # idempotent
     assert deployed[0].weight.dtype == torch.float32
 
@@ -274,4 +259,4 @@ def test_autocast_generates_kernel_in_fp32(conv_fn, device, dtype):
     for p in layer.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
     ref = layer(x)
-    assert _rel_err(out.float(), ref) < 5e-2
+    assert rel_err(out.float(), ref) < 5e-2
