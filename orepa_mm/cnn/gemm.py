@@ -100,6 +100,14 @@ def _device_type(args) -> str:
     return 'cpu'
 
 
+def _switch_autocast_off(device_type: str) -> bool:
+    """Whether to run the function body in an autocast-off region: in eager only when
+    autocast is on; when traced always, because the traced backward is replayed in the
+    autocast state of the joint graph's tracing (that of the compiled forward), not in the
+    one that was current when Dynamo looked at it, so the region must be in the graph."""
+    return torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type)
+
+
 def full_precision_forward(forward: Callable) -> Callable:
     """``custom_fwd(cast_inputs=torch.float32)`` for the inputs' device, whatever it is.
 
@@ -110,6 +118,8 @@ def full_precision_forward(forward: Callable) -> Callable:
     @functools.wraps(forward)
     def wrapper(ctx, *args):
         device_type = _device_type(args)
+        if not _switch_autocast_off(device_type):
+            return forward(ctx, *args)  # eager, autocast off: nothing to do
         if torch.is_autocast_enabled(device_type):
             args = tuple(_reduced_to_fp32(a) for a in args)
         with torch.autocast(device_type, enabled=False):
@@ -125,7 +135,10 @@ def full_precision_backward(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def wrapper(ctx, grad: Tensor):
-        with torch.autocast(grad.device.type, enabled=False):
+        device_type = grad.device.type
+        if not _switch_autocast_off(device_type):
+            return backward(ctx, grad)
+        with torch.autocast(device_type, enabled=False):
             return backward(ctx, grad)
 
     return wrapper
