@@ -2,15 +2,16 @@
 
 The online/offline tests run in float64, which takes the PyTorch reference path (torch.mm,
 no fused loops). Here float32 layers, which take oneDNN's GEMM and the fused loops of
-orepa_mm/csrc, must match the same layers in float64."""
+orepa_mm/csrc, must match the same layers in float64; and those ops must be well-formed
+dispatcher ops for torch.compile (tests/test_compile.py compiles them)."""
 import os
 
 import pytest
 import torch
 
 from orepa_mm.cnn import OREPA_VGG_BRANCHES, OREPAConv1x1, OREPAConv2d
-from orepa_mm.cnn.fused_ops import KXK_KERNEL_OPS, fused_kxk_ops
-from orepa_mm.cnn.gemm import batched_matmul, matmul, uses_onednn
+from orepa_mm.cnn.fused_ops import FUSED_OP_NAMES, KXK_KERNEL_OPS, fused_kxk_ops
+from orepa_mm.cnn.gemm import ONEDNN_LINEAR, batched_matmul, matmul, onednn_mm, uses_onednn
 
 
 def _rel_err(a, b):
@@ -49,6 +50,56 @@ def test_fused_loops_serve_ungrouped_float32_cpu_layers():
     assert fused_kxk_ops(kernel, groups=2, expand=8) is None
     assert fused_kxk_ops(kernel.double(), groups=1, expand=8) is None
     assert fused_kxk_ops(torch.zeros(4, 4, 9, 9), groups=1, expand=8) is None
+
+
+def _fused_op_cases():
+    o, i, x, nb, e, t = 5, 4, 9, 3, 2, 6
+    r = torch.randn
+    return [
+        ('assemble', (r(o, i, x), r(o), r(nb, o, i), r(nb, o, x), r(nb, o), r(o, x, i),
+                      r(o, i, e), r(i, e, x), r(o))),
+        ('assemble', (r(o, i, 25), r(o), None, None, None, None, None, None, None)),
+        ('branch_backward', (r(o, i, x), r(o, i, x), r(o), r(nb, o, i), r(nb, o, x), r(nb, o),
+                             r(o, i, e), r(i, e, x), r(o), True)),
+        ('branch_backward', (r(o, i, x), r(o, i, x), r(o), None, None, None, None, None, None,
+                             False)),
+        ('taps_first_scaled', (r(o, t, x), r(o))),
+        ('t_major_scaled', (r(o, t, x), r(o))),
+        ('compose_backward', (r(o, x, t), r(o, t, x), r(o))),
+    ]
+
+
+@pytest.mark.parametrize('case', range(len(_fused_op_cases())))
+def test_fused_loops_are_traceable_dispatcher_ops(case):
+    """torch.ops.orepa_mm.kxk_*: schema, fake kernels (shapes for torch.compile) and the
+    dispatcher checks of torch.library.opcheck."""
+    if KXK_KERNEL_OPS is None:
+        pytest.skip('orepa_mm._kxk_kernel_ops is not built (make install builds it)')
+    torch.manual_seed(0)
+    name, args = _fused_op_cases()[case]
+    assert f'kxk_{name}' in FUSED_OP_NAMES
+    torch.library.opcheck(getattr(KXK_KERNEL_OPS, name), args)
+
+
+def test_a_stale_build_of_the_fused_loops_is_not_used(monkeypatch):
+    """A module built from an older orepa_mm/csrc (no OPS_VERSION, pybind functions only) is
+    recognised: a warning, and the PyTorch path."""
+    import types
+
+    from orepa_mm.cnn import fused_ops
+    stale = types.ModuleType('orepa_mm._kxk_kernel_ops')
+    monkeypatch.setattr(fused_ops.importlib, 'import_module', lambda name: stale)
+    with pytest.warns(UserWarning, match='older orepa_mm/csrc'):
+        assert fused_ops._load() is None
+
+
+def test_onednn_mm_custom_op_is_traceable_and_exact():
+    if ONEDNN_LINEAR is None:
+        pytest.skip('this torch has no oneDNN')
+    torch.manual_seed(0)
+    a, b = torch.randn(7, 5).t(), torch.randn(3, 7).t()
+    torch.library.opcheck(onednn_mm, (a, b))
+    assert torch.equal(onednn_mm(a, b), matmul(a, b))
 
 
 def test_cpu_float32_uses_onednn_when_torch_has_it():
