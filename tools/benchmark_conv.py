@@ -2,6 +2,7 @@
 
     python tools/benchmark_conv.py --channels 256 --size 64 --batch-size 2
     python tools/benchmark_conv.py --gemm     # the kernel-generation products: torch.mm vs ours
+    python tools/benchmark_conv.py --compile  # one OREPA layer: torch.compile vs eager
 
 Each variant is a host-model slice (conv + BN) timed over ``--steps`` steps after warm-up,
 interleaved round-robin so that machine noise hits every variant alike; the median is reported
@@ -58,6 +59,42 @@ def benchmark_gemm(args):
         print(f'{name:<28}{gmac / base:>17.0f}{gmac / ours:>13.0f}{base / ours:>9.2f}x')
 
 
+def benchmark_compile(args):
+    """One OREPA layer (conv + BN), fwd + bwd: ``torch.compile(model)`` vs the same model eager.
+
+    Compilation happens before timing (the first call); then both run round-robin on the same
+    input, and the compiled step's ratio to the eager one is printed.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, args.channels, args.size, args.size, device=args.device)
+    eager = build('orepa', args.channels, args.kernel_size).to(args.device)
+    compiled = torch.compile(eager, backend=args.compile_backend)
+    sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
+    start = time.perf_counter()
+    compiled(x).sum().backward()
+    sync()
+    compile_s = time.perf_counter() - start
+    times = {'eager': [], 'compiled': []}
+    for step in range(args.warmup + args.steps):
+        for name, model in (('eager', eager), ('compiled', compiled)):
+            eager.zero_grad(set_to_none=True)
+            sync()
+            start = time.perf_counter()
+            model(x).sum().backward()
+            sync()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    print(f'device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} '
+          f'C={args.channels} k={args.kernel_size} HxW={args.size} batch={args.batch_size} '
+          f'steps={args.steps} backend={args.compile_backend} (first call, compiling: '
+          f'{compile_s:.1f} s)')
+    base = statistics.median(times['eager'])
+    print(f'{"orepa":<9} {"fwd+bwd ms":>11} {"ratio":>7}')
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f'{name:<9} {median * 1e3:>11.2f} {median / base:>6.2f}x')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--channels', type=int, default=256)
@@ -70,9 +107,15 @@ def main():
     parser.add_argument('--variants', nargs='+', default=['plain', 'dbb', 'orepa'])
     parser.add_argument('--gemm', action='store_true',
                         help='time the kernel-generation matrix products instead')
+    parser.add_argument('--compile', action='store_true',
+                        help='time one OREPA layer under torch.compile against eager instead')
+    parser.add_argument('--compile-backend', default='inductor',
+                        help='torch.compile backend for --compile (default: inductor)')
     args = parser.parse_args()
     if args.gemm:
         return benchmark_gemm(args)
+    if args.compile:
+        return benchmark_compile(args)
 
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, args.channels, args.size, args.size, device=args.device)
