@@ -15,6 +15,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from orepa_mm.cnn import (OREPA_VGG_BRANCHES, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d,
                           ReparamConv2d)
 from orepa_mm.cnn import fused_ops, gemm
+from tests.numerics import rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -25,13 +26,10 @@ def fresh_dynamo(one_thread):
     torch._dynamo.reset()
 
 
-def rel_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def randomise(model, seed=0):
-    """Random branch weights and scales: the published init zeroes some branches' gradients."""
+    """Random branch weights and scales of the OREPA layers (the published init zeroes some
+    branches' gradients); the host model's own layers keep their init, so that a deep
+    backbone stays well-conditioned in float32."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
