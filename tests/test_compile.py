@@ -279,3 +279,47 @@ def test_compiled_autocast_step_matches_eager(groups, backward_in_autocast):
     assert graph_breaks() == 0
     for g, r in zip(compiled, eager):
         assert rel_err(g, r) < 1e-6
+
+
+# -- the same on CUDA (skipped without a GPU; tools/gpu_check.sh runs them) -----------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+
+
+@pytest.fixture
+def no_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@cuda_only
+@pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
+@pytest.mark.parametrize('name', ['kxk-all-branches', 'kxk-grouped', '1x1', 'large-7x7'])
+def test_cuda_layer_under_compile_matches_eager(name, dtype, backend, no_tf32):
+    torch.manual_seed(0)
+    layer = randomise(LAYERS[name]()).to('cuda', dtype)
+    x = torch.randn(2, layer.in_channels, 12, 12, dtype=dtype, device='cuda')
+    eager = train_step(layer, x)
+    *compiled, breaks = compiled_step(layer, x, backend)
+    assert breaks == 0, dict(counters['graph_break'])
+    assert_same(eager, compiled, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize('amp_dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
+@pytest.mark.parametrize('name', list(AUTOCAST_LAYERS))
+def test_cuda_kernel_functions_run_in_fp32_under_autocast(name, amp_dtype, no_tf32):
+    torch.manual_seed(0)
+    layer = randomise(AUTOCAST_LAYERS[name]()).cuda()
+    params = list(layer.parameters())
+    kernel = layer.generate_kernel()
+    grad = torch.randn_like(kernel)
+    reference = torch.autograd.grad(kernel, params, grad)
+    with torch.autocast('cuda', dtype=amp_dtype):
+        kernel = layer.generate_kernel()
+        assert kernel.dtype == torch.float32
+        grads = torch.autograd.grad(kernel, params, grad)
+    for g, r in zip(grads, reference):
+        assert g.dtype == torch.float32 and rel_err(g, r) < 1e-5
