@@ -139,7 +139,8 @@ fi
 
 # 6. The fused CPU loops of kernel generation (orepa_mm/csrc, ~30 s to compile). Optional:
 #    without them orepa_mm uses its PyTorch path (same numbers, slower on CPU).
-if ! have 'import orepa_mm._kxk_kernel_ops'; then
+#    A module built from older sources counts as missing (fused_ops checks its OPS_VERSION).
+if ! have 'import sys, warnings; warnings.simplefilter("ignore"); from orepa_mm.cnn.fused_ops import KXK_KERNEL_OPS; sys.exit(KXK_KERNEL_OPS is None)'; then
   say "fused CPU kernel ops (orepa_mm/csrc)"
   LOG="$ROOT/build/kxk_kernel_ops.log"
   if ((PLAN)); then
