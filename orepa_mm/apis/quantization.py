@@ -249,7 +249,11 @@ class QuantizationReport:
             lines += format_rows(rows)
             lines.append('(backbone + neck in ONNX Runtime, fp32 or INT8; heads and '
                          'post-processing in PyTorch)')
-        shown = self.ranked_layers(rank_by)[:max(top, 0)]
+        if top <= 0:
+            lines += self.notes
+            lines += [f'wrote {path}' for path in (self.onnx_file, self.json_file) if path]
+            return '\n'.join(lines)
+        shown = self.ranked_layers(rank_by)[:top]
         order = ('per-output-channel weight range spread' if rank_by == 'spread' else
                  'lowest layer SQNR')
         lines.append('')
@@ -665,8 +669,9 @@ def evaluate(model: nn.Module, cfg, extract_feat: Optional[Callable] = None,
     loader_cfg['num_workers'] = 0
     loader_cfg['persistent_workers'] = False
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        loader = Runner.build_dataloader(loader_cfg)
-        evaluator = Evaluator(copy.deepcopy(cfg.val_evaluator))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations"
+            loader = Runner.build_dataloader(loader_cfg)
+            evaluator = Evaluator(copy.deepcopy(cfg.val_evaluator))
         if hasattr(loader.dataset, 'metainfo'):
             evaluator.dataset_meta = loader.dataset.metainfo
         saved = model.__dict__.get('extract_feat')
@@ -737,7 +742,8 @@ def _val_dataset(cfg, config: str):
     except MissingDatasetError as exc:
         raise QuantizationCheckError(f'{exc}') from None
     try:
-        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')), \
+                contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations"
             dataset = DATASETS.build(copy.deepcopy(loader['dataset']))
     except Exception as exc:  # noqa: BLE001
         raise QuantizationCheckError(f'cannot build the val dataset of {config} '
