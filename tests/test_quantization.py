@@ -413,11 +413,11 @@ def test_every_study_variant_deploys_and_is_checked(name, tmp_path, one_thread):
     generate_demo_dataset(str(data), num_train=2, num_val=2, seed=0)
     study = load_tool('int8_study')
     variant = study.VARIANTS[name]
-    cfg = Config.fromfile(variant.config)
+    cfg = Config.fromfile(study.variant_config(variant, str(tmp_path / 'configs')))
     cfg.merge_from_dict(dict(kv.split('=', 1) for kv in study.data_options(str(data))))
     work_dir = tmp_path / name
     work_dir.mkdir()
-    cfg.dump(str(work_dir / osp.basename(variant.config)))  # what the Runner dumps
+    cfg.dump(str(work_dir / variant.config_name))  # what the Runner dumps
     with DefaultScope.overwrite_default_scope('mmdet'):
         torch.manual_seed(0)
         model = MODELS.build(cfg.model)
