@@ -14,12 +14,15 @@ gradient to the branches locally, on every rank alike.
 
 How (all of it from the wrapper; the conv layers are not modified):
 
-* Each re-param layer whose forward is the kernel conv of :class:`ReparamConv2d` (OREPA k x k,
-  1 x 1 and large-kernel blocks, OREPA-VGG's dense branch) gets an instance ``forward`` that
-  generates ``K`` and hands the conv a detached leaf copy ``K_d`` (the "kernel proxy"), so the
-  loss graph ends at ``K_d`` and the branch parameters stay out of it. DDP is told to ignore
-  these layers' branch parameters and constant buffers (``bias`` stays with DDP); the wrapper
-  broadcasts them from rank 0 once, at construction.
+* The re-param layers whose forward is the kernel conv of :class:`ReparamConv2d` (OREPA k x k,
+  1 x 1 and large-kernel blocks, OREPA-VGG's dense branch) are the wrapper's. At the start of
+  its forward it generates each trainable layer's ``K`` and a detached leaf copy ``K_d`` (the
+  "kernel proxy"); an instance ``forward`` set on each layer runs the class forward with
+  ``self.kernel()`` returning ``K_d``. So the loss graph ends at ``K_d`` and the branch
+  parameters stay out of it (also inside activation-checkpointed blocks, whose recomputation
+  only ever sees the leaf). Frozen layers (no parameter requires grad) keep their cached
+  kernel. DDP is told to ignore these layers' branch parameters and constant buffers (``bias``
+  stays with DDP); the wrapper broadcasts them from rank 0 once, at construction.
 * A hook on each ``K_d`` fires when its gradient is complete. Kernel gradients are packed into
   buckets (DDP's sizes: 1 MiB first, then ``bucket_cap_mb``; fixed, in reverse layer order,
   identical on every rank) and each bucket's asynchronous all-reduce starts as soon as all its
@@ -31,6 +34,10 @@ How (all of it from the wrapper; the conv layers are not modified):
   ``.grad``. ``loss.backward()`` returns with every gradient final, as with DDP.
 * Every other parameter (norms, heads, plain convs, DBB layers, biases) goes through the stock
   DDP reducer underneath.
+* Each bucket carries one extra element per layer, "this rank's loss reached the kernel",
+  summed by the same all-reduce: a layer no rank used keeps its gradients as they were (as
+  DDP leaves a globally unused parameter), one used on some ranks only is back-propagated with
+  the others' average (its kernel regenerated where this rank had none).
 
 ``no_sync()`` (gradient accumulation, mmengine's ``accumulative_counts``): kernel gradients of
 non-synchronised steps are summed per layer, K-sized, and all-reduced with the next
@@ -87,6 +94,7 @@ def kernel_forward_layers(module: nn.Module) -> List[Tuple[str, ReparamConv2d]]:
     return found
 
 
+@torch.compiler.disable
 def _proxy_forward(self, *args, **kwargs):
     """Instance forward of an owned layer: the class forward with the kernel proxy."""
     reducer = _OWNERS.get(self)
@@ -212,7 +220,6 @@ class _KernelGradReducer:
         self.world_size = dist.get_world_size(self.group)
         self.layout: Optional[_Layout] = None
         self.round: Optional[_Round] = None
-        self.in_forward = False
         self.accumulated: Dict[int, Tensor] = {}
         self.marks: Dict[int, list] = {}
 
@@ -237,10 +244,11 @@ class _KernelGradReducer:
         return owned_names, tensors
 
     # -- set-up --------------------------------------------------------------------------------
-    def attach(self):
-        """Same branch values on every rank (rank 0's), a layout check, the layer hooks."""
+    def attach(self, broadcast: bool = True):
+        """Same branch values on every rank (rank 0's, as DDP does for the other parameters
+        unless ``init_sync=False``), a layout check, the layer hooks."""
         self._check_same_layers()
-        if self.broadcast_tensors:
+        if broadcast and self.broadcast_tensors:
             src = dist.get_global_rank(self.group, 0)
             by_kind: Dict[tuple, List[Tensor]] = {}
             for t in self.broadcast_tensors:
@@ -274,7 +282,9 @@ class _KernelGradReducer:
         """Called by the wrapper's forward (with grad enabled)."""
         round_ = self.round
         if round_ is not None and round_.started and not round_.closed:
-            raise RuntimeError(f'{NAME}: forward called during a backward pass of the wrapper.')
+            # its backward stopped with an error before the end: nothing to finish
+            round_.closed = True
+            round_ = self.round = None
         trainable = tuple(i for i, params in enumerate(self.params)
                           if any(p.requires_grad for p in params))
         if self.layout is None or self.layout.trainable != trainable:
@@ -322,22 +332,26 @@ class _KernelGradReducer:
         return proxy
 
     def kernel_for(self, layer) -> Optional[Tensor]:
-        """The kernel proxy ``layer`` convolves with, or None for the class forward."""
+        """The kernel proxy ``layer`` convolves with, or None for the class forward.
+
+        Proxies are used from the wrapper's forward until the end of its backward: in the
+        forward, in a direct call of the module before backward (as DDP's hooks also reduce
+        such uses), and when a checkpointed block is recomputed during backward.
+        """
         round_ = self.round
         if round_ is None or round_.closed:
             return None
-        # Inside the wrapper's forward, or re-run during its backward (activation
-        # checkpointing); a direct call of the bare module after a forward is left alone.
-        if not (self.in_forward or round_.started):
-            return None
         idx = self.index[layer]
         if idx not in round_.layout.bucket_of:
-            if any(p.requires_grad for p in self.params[idx]) and torch.is_grad_enabled():
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.params[idx]):
                 raise RuntimeError(f'{NAME}: {self.names[idx]} started requiring grad during '
-                                   'a forward; change requires_grad between steps.')
+                                   'a step; change requires_grad between steps.')
             return None  # frozen: its kernel is a constant (cached by the layer)
-        if not torch.is_grad_enabled() and idx not in round_.proxies:
-            return None
+        if not torch.is_grad_enabled():
+            entry = round_.proxies.get(idx)
+            fresh = entry is not None and entry.versions == tuple(
+                p._version for p in self.params[idx])
+            return entry.proxy if fresh else None
         return self._proxy(round_, idx)
 
     def mark_outputs(self, round_: _Round, output):
@@ -522,7 +536,7 @@ class OREPADistributedDataParallel(CPUDistributedDataParallel):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignore))
         super().__init__(module=module, device_ids=device_ids, **kwargs)
         self._kernel_reducer = reducer
-        reducer.attach()
+        reducer.attach(broadcast=kwargs.get('init_sync', True))
         self._orepa_ready = True
 
     @property
@@ -530,17 +544,16 @@ class OREPADistributedDataParallel(CPUDistributedDataParallel):
         """Names (in ``.module``) of the layers whose kernel gradients this wrapper reduces."""
         return list(self._kernel_reducer.names)
 
+    # Kernel proxies and gradient hooks are not traceable: under torch.compile (e.g.
+    # mmengine's ``compile=True``, which compiles train_step) the forward runs eagerly.
+    @torch.compiler.disable
     def forward(self, *inputs, **kwargs):
         reducer = self._kernel_reducer
         round_ = reducer.begin(self.require_backward_grad_sync) \
             if torch.is_grad_enabled() else None
         if round_ is not None:
             reducer.make_proxies(round_)
-        reducer.in_forward = round_ is not None
-        try:
-            output = super().forward(*inputs, **kwargs)
-        finally:
-            reducer.in_forward = False
+        output = super().forward(*inputs, **kwargs)
         if round_ is not None:
             output = reducer.mark_outputs(round_, output)
         return output
