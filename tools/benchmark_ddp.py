@@ -15,7 +15,9 @@ mmengine's default wrapper). Measured per step and rank, between barriers:
   writes S bytes per rank, so this is directly the gradient bytes of a replica. The loopback
   interface's ``tx_bytes`` (machine-wide, both ranks, TCP/IP headers, and any other process's
   loopback traffic) is reported beside it, halved, as a cross-check;
-* **step time**: forward + backward + SGD step, the slower rank's, median over ``--steps``.
+* **step time**: forward + backward + SGD step, the slower rank's wall time, median over
+  ``--steps``; beside it the CPU time of a process per step (all its threads, gloo's
+  included; mean of the ranks), which other processes' load on a shared machine disturbs less.
 
 Then a **bandwidth model** (a model, not a measurement): the all-reduce time of those bytes per
 step at ``--nodes`` x ``--gpus-per-node`` GPUs over ``--link-gbps`` inter-node links, ring
@@ -125,7 +127,7 @@ def _worker(rank, world, init_file, args, out_file):
             optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
             runs[variant] = dict(model=model, wrapper=wrapper, optimizer=optimizer,
                                  params=numel(model.parameters()), reduced=reduced,
-                                 times=[], bytes=[], lo=[])
+                                 times=[], cpu=[], bytes=[], lo=[])
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen)
         y = torch.randint(0, 10, (args.batch_size, ), generator=gen)
@@ -133,17 +135,23 @@ def _worker(rank, world, init_file, args, out_file):
             for variant in VARIANTS:  # interleaved: the machine's load hits all alike
                 run = runs[variant]
                 dist.barrier()
-                w0, l0, t0 = socket_bytes_written(), loopback_tx_bytes(), time.perf_counter()
+                w0, l0 = socket_bytes_written(), loopback_tx_bytes()
+                c0, t0 = time.process_time(), time.perf_counter()
                 run['optimizer'].zero_grad(set_to_none=True)
                 loss = torch.nn.functional.cross_entropy(run['wrapper'](x), y)
                 loss.backward()
                 run['optimizer'].step()
-                t1, w1, l1 = time.perf_counter(), socket_bytes_written(), loopback_tx_bytes()
-                # the slower rank's time; the bytes of this rank
-                stats = torch.tensor([t1 - t0], dtype=torch.float64)
-                dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+                t1, c1 = time.perf_counter(), time.process_time()
+                w1, l1 = socket_bytes_written(), loopback_tx_bytes()
+                # the slower rank's wall time, the ranks' mean CPU time (all threads, gloo's
+                # included); the bytes of this rank
+                wall = torch.tensor([t1 - t0], dtype=torch.float64)
+                dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+                cpu = torch.tensor([(c1 - c0) / world], dtype=torch.float64)
+                dist.all_reduce(cpu)
                 if step >= args.warmup:
-                    run['times'].append(stats.item())
+                    run['times'].append(wall.item())
+                    run['cpu'].append(cpu.item())
                     run['bytes'].append(w1 - w0)
                     run['lo'].append(l1 - l0)
         for variant in VARIANTS:
@@ -153,7 +161,8 @@ def _worker(rank, world, init_file, args, out_file):
                 gradient_bytes=4 * run['reduced'],
                 bytes_per_step=int(statistics.median(run['bytes'])),
                 loopback_tx_per_rank=int(statistics.median(run['lo']) / 2),
-                step_time_s=statistics.median(run['times']), step_times_s=run['times']))
+                step_time_s=statistics.median(run['times']), step_times_s=run['times'],
+                cpu_time_s=statistics.median(run['cpu'])))
         del runs
     if rank == 0:
         with open(out_file, 'w') as f:
@@ -191,7 +200,7 @@ def main(argv=None):
           f'{args.input_size}x{args.input_size}, batch {args.batch_size} per process, '
           f'median of {args.steps} steps')
     print(f'{"model":9} {"variant":18} {"params":>10} {"grad MB":>9} {"sent MB/step":>12} '
-          f'{"vs plain":>8} {"lo MB":>8} {"step s":>8} {"vs DDP":>7}')
+          f'{"vs plain":>8} {"lo MB":>8} {"step s":>8} {"vs DDP":>7} {"cpu s":>7} {"vs DDP":>7}')
     for r in results:
         by = {x['variant']: x for x in results if x['model'] == r['model']}
         plain, stock = by['plain + DDP'], by['OREPA + DDP']
@@ -199,7 +208,8 @@ def main(argv=None):
               f'{r["gradient_bytes"] / 1e6:>9.2f} {r["bytes_per_step"] / 1e6:>12.2f} '
               f'{r["bytes_per_step"] / plain["bytes_per_step"]:>8.3f} '
               f'{r["loopback_tx_per_rank"] / 1e6:>8.2f} {r["step_time_s"]:>8.3f} '
-              f'{r["step_time_s"] / stock["step_time_s"]:>7.2f}')
+              f'{r["step_time_s"] / stock["step_time_s"]:>7.2f} {r["cpu_time_s"]:>7.3f} '
+              f'{r["cpu_time_s"] / stock["cpu_time_s"]:>7.2f}')
     print(f'\nBandwidth MODEL (not measured): ring all-reduce of the bytes above across '
           f'{args.nodes} nodes x {args.gpus_per_node} GPUs, each node on one link, '
           'intra-node free, no overlap with compute:')

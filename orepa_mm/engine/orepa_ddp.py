@@ -158,6 +158,9 @@ class _Layout:
             size += nbytes
         if current:
             self._close(current, numels, keys)
+        # One persistent buffer per bucket (as DDP's): a fresh one each step would cost the
+        # page faults of touching new memory every step.
+        self.flats: List[Optional[Tensor]] = [None] * len(self.buckets)
 
     def _close(self, layers, numels, keys):
         b, offset = len(self.buckets), 0
@@ -423,7 +426,10 @@ class _KernelGradReducer:
         layers = layout.buckets[b]
         dtype, device = layout.bucket_key[b]
         numel = layout.bucket_numel[b]
-        flat = torch.empty(numel + len(layers), dtype=dtype, device=device)
+        flat = layout.flats[b]
+        if flat is None:
+            flat = layout.flats[b] = torch.empty(numel + len(layers), dtype=dtype,
+                                                 device=device)
         used = []
         for idx in layers:
             dst = flat[layout.offset[idx]:layout.offset[idx] + self.numels[idx]]
@@ -481,6 +487,13 @@ class _KernelGradReducer:
                 grads.append(flat[start:start + self.numels[idx]].view(self.shapes[idx]))
             if kernels:
                 torch.autograd.backward(kernels, grads)
+        # A kernel that passed a gradient through unchanged could have had its view of the
+        # (reused) bucket stored as a parameter's .grad: give such a gradient its own memory.
+        storage = flat.untyped_storage().data_ptr()
+        for idx in layers:
+            for p in self.params[idx]:
+                if p.grad is not None and p.grad.untyped_storage().data_ptr() == storage:
+                    p.grad = p.grad.clone()
 
     def _hold_unsynced(self, round_: _Round):
         """A no_sync step: add its kernel gradients to the held ones, touch no branch grad."""
