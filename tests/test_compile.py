@@ -134,10 +134,12 @@ def test_compiled_graphs_keep_the_fused_ops():
 
 # -- (b) OREPAResNet (mmdet) ----------------------------------------------------------------------
 def _mmdet_backbone(type_, depth):
-    import orepa_mm  # noqa: F401  (registers OREPAResNet)
-    from mmdet.registry import MODELS
-    return MODELS.build(dict(type=type_, depth=depth, base_channels=8, stem_channels=8,
-                             out_indices=(0, 1, 2, 3)))
+    # The classes themselves: a registry build would depend on the default scope that earlier
+    # tests left behind.
+    from mmdet.models.backbones import ResNet
+    from orepa_mm.models.backbones.for_mmdet import OREPAResNet
+    cls = {'OREPAResNet': OREPAResNet, 'ResNet': ResNet}[type_]
+    return cls(depth=depth, base_channels=8, stem_channels=8, out_indices=(0, 1, 2, 3))
 
 
 def _resnet_case(depth, backend):
@@ -190,10 +192,8 @@ def test_small_model_under_inductor_matches_eager_and_calls_the_fused_ops():
 
 # -- (d) OREPAVGG (mmpretrain) --------------------------------------------------------------------
 def _orepa_vgg(arch):
-    import orepa_mm  # noqa: F401  (registers OREPAVGG)
-    from mmpretrain.registry import MODELS
-    return MODELS.build(dict(type='OREPAVGG', arch=arch, base_channels=8,
-                             out_indices=(0, 1, 2, 3)))
+    from orepa_mm.models.backbones.for_mmpretrain import OREPAVGG
+    return OREPAVGG(arch=arch, base_channels=8, out_indices=(0, 1, 2, 3))
 
 
 def test_orepa_vgg_train_step_under_aot_eager():

@@ -158,6 +158,7 @@ def check_run(res, headline, tmp_path):
     assert set(res.ms_per_image) == {'unconverted', 'deployed'}
 
 
+@pytest.mark.slow
 def test_demo_detector_trains_evaluates_and_deploys(tiny_demo_data, tmp_path):
     demo = load_demo_tool()
     res = demo.run_task(
@@ -176,6 +177,7 @@ def test_demo_detector_trains_evaluates_and_deploys(tiny_demo_data, tmp_path):
     assert 'coco/bbox_mAP' in table and 'equal' in table and 'deploy.pth' in table
 
 
+@pytest.mark.slow
 def test_demo_segmentor_trains_evaluates_and_deploys(tiny_demo_data, tmp_path):
     demo = load_demo_tool()
     res = demo.run_task(

@@ -15,6 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+# Every test here starts processes or trains: the full tier only.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 DEMO_CONFIG = os.path.join(ROOT, 'configs', 'demo', 'faster_rcnn_orepa_r18_demo.py')
 

@@ -59,6 +59,7 @@ def test_no_pip_call_bypasses_run_pip():
     assert len(calls) == 1 and '"$sub" -c "$CONSTRAINTS"' in calls[0], calls
 
 
+@pytest.mark.slow
 def test_env_report_is_one_line():
     result = subprocess.run([sys.executable, '-m', 'orepa_mm.env_report'],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)

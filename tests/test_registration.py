@@ -16,6 +16,7 @@ SCOPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scope', sorted(SCOPES))
 def test_custom_imports_registers_backbones_and_conv_types(scope):
     script = textwrap.dedent(f"""

@@ -195,6 +195,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(EXPECTED))
 def test_round_trip_in_a_fresh_process_without_orepa_mm(name, cases, converted,
                                                          fresh_process_outputs):
@@ -471,6 +472,7 @@ def test_verification_failure_writes_nothing(cases, tmp_path, capsys, monkeypatc
     assert 'FAIL' in stdout  # the per-output table explains which
 
 
+@pytest.mark.slow
 def test_float64_gate_separates_a_small_conversion_error_from_rounding(cases, tmp_path,
                                                                        monkeypatch):
     """The exact conversion is at ~1e-12 or below in float64, its float32 agreement at float32
@@ -506,6 +508,7 @@ def test_usage_error_exits_2(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code_and_single_stderr_line(cases, tmp_path):
     case = cases['classifier']
     out = tmp_path / 'out'
@@ -569,6 +572,7 @@ def test_every_orepa_backbone_deploys_to_the_class_it_subclasses(library):
         assert not stock.__module__.startswith('orepa_mm')
 
 
+@pytest.mark.slow
 def test_any_model_with_orepa_conv_cfg_is_converted(tmp_path):
     """No orepa_mm backbone at all: a stock ResNet whose convs are OREPA via conv_cfg."""
     config = tmp_path / 'conv_cfg.py'

@@ -125,6 +125,7 @@ def _ok(proc):
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_train_resume_test_round_trip(toy, tmp_path):
     config, _ = toy
     work_dir = tmp_path / 'work'
@@ -153,6 +154,7 @@ def test_train_resume_test_round_trip(toy, tmp_path):
     assert len(list((tmp_path / 'vis').glob('*.png'))) == 4
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_sentence_and_exit_2(toy, tmp_path):
     config, _ = toy
     missing = tmp_path / 'no_such_dataset'
@@ -176,6 +178,7 @@ class _RunsShell:
         return os.system, (f'touch {self.marker}', )
 
 
+@pytest.mark.slow
 def test_test_tool_refuses_malicious_checkpoint(toy, tmp_path):
     config, _ = toy
     marker = tmp_path / 'ran'
