@@ -94,7 +94,6 @@ def kernel_forward_layers(module: nn.Module) -> List[Tuple[str, ReparamConv2d]]:
     return found
 
 
-@torch.compiler.disable
 def _proxy_forward(self, *args, **kwargs):
     """Instance forward of an owned layer: the class forward with the kernel proxy."""
     reducer = _OWNERS.get(self)
@@ -120,6 +119,20 @@ def _proxy_forward(self, *args, **kwargs):
 
 # pickle names a bound method by its function's __name__: let a pickled layer load as plain.
 _proxy_forward.__name__ = 'forward'
+
+_EAGER: Dict[str, object] = {}
+
+
+def _run_eagerly_under_compile():
+    """Kernel proxies and gradient hooks are not traceable: under torch.compile (e.g.
+    mmengine's ``compile=True``, which compiles ``train_step``) the wrapper's forward and the
+    layers' instance forward run eagerly. Applied when the first wrapper is built, because
+    ``torch.compiler.disable`` imports Dynamo (~0.5 s), which ``import orepa_mm`` should not."""
+    if not _EAGER:
+        _EAGER['proxy_forward'] = torch.compiler.disable(_proxy_forward)
+        cls = OREPADistributedDataParallel
+        cls.forward = torch.compiler.disable(cls.forward)
+    return _EAGER['proxy_forward']
 
 
 class _BackwardStart(torch.autograd.Function):
@@ -267,7 +280,7 @@ class _KernelGradReducer:
         for layer in self.layers:
             layer.clear_kernel_cache()
             _OWNERS[layer] = self
-            layer.__dict__['forward'] = _proxy_forward.__get__(layer)
+            layer.__dict__['forward'] = _run_eagerly_under_compile().__get__(layer)
 
     def _check_same_layers(self):
         signature = [len(self.layers), sum(self.numels),
@@ -557,10 +570,7 @@ class OREPADistributedDataParallel(CPUDistributedDataParallel):
         """Names (in ``.module``) of the layers whose kernel gradients this wrapper reduces."""
         return list(self._kernel_reducer.names)
 
-    # Kernel proxies and gradient hooks are not traceable: under torch.compile (e.g.
-    # mmengine's ``compile=True``, which compiles train_step) the forward runs eagerly.
-    @torch.compiler.disable
-    def forward(self, *inputs, **kwargs):
+    def forward(self, *inputs, **kwargs):  # run eagerly under torch.compile: see above
         reducer = self._kernel_reducer
         round_ = reducer.begin(self.require_backward_grad_sync) \
             if torch.is_grad_enabled() else None
