@@ -245,13 +245,13 @@ class _KernelGradReducer:
             join = (lambda n, p=prefix: f'{p}.{n}' if p else n)
             for name, p in layer.named_parameters(remove_duplicate=False):
                 if name != 'bias':
-                    owned_params.add(p)
+                    owned_params.add(id(p))
                     owned_names.add(join(name))
             for name, b in layer.named_buffers(remove_duplicate=False):
                 owned_names.add(join(name))
                 buffers.append(b)
         for name, p in module.named_parameters(remove_duplicate=False):
-            if p in owned_params and name not in owned_names:
+            if id(p) in owned_params and name not in owned_names:
                 raise ValueError(f'{NAME} cannot train {name!r}: it is a branch parameter of '
                                  'a re-param layer shared with another module; wrap this model '
                                  'with DistributedDataParallel instead.')
@@ -334,8 +334,9 @@ class _KernelGradReducer:
         if entry is not None and entry.versions == versions:
             return entry.proxy
         if torch.compiler.is_compiling():
-            raise RuntimeError(f'{NAME} does not support torch.compile (kernel gradients are '
-                               'reduced from autograd hooks); train without compile.')
+            raise RuntimeError(f'{NAME}: kernel proxies cannot be traced by torch.compile '
+                               '(the wrapper runs its forward eagerly; do not compile the '
+                               're-param layers on their own).')
         with torch.enable_grad():
             kernel = self.layers[idx].kernel()
         if not kernel.requires_grad:
