@@ -188,6 +188,30 @@ def test_reads_of_weight_are_plain_tensors():
     assert layer.branch_scales.grad is not None
 
 
+@pytest.mark.parametrize('mode', [True, False])
+def test_write_through_an_indexed_view_loads_the_kernel(mode):
+    layer = randomise(OREPAConv2d(4, 6, 3))
+    layer.train(mode)
+    before = layer.generate_kernel().detach()
+    with torch.no_grad():
+        layer.weight[0].zero_()
+        layer.weight[1, :, 1, 1] = 2.0
+    kernel = layer.generate_kernel().detach()
+    expected = before.clone()
+    expected[0] = 0
+    expected[1, :, 1, 1] = 2.0
+    assert torch.equal(kernel, expected)
+
+
+def test_a_reused_kernel_cannot_be_corrupted_through_the_weight_it_hands_out():
+    layer = randomise(OREPAConv2d(4, 6, 3)).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        reference = layer(x)
+        layer.weight.view(-1).mul_(0)  # a view the writable kernel cannot follow
+        assert torch.equal(layer(x), reference)
+
+
 def test_writes_that_cannot_land_raise():
     layer = OREPAConv2d(4, 6, 3)
     with pytest.raises(ValueError, match=r'cannot write a kernel of shape \(6, 4, 1, 1\)'):

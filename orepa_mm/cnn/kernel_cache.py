@@ -49,6 +49,10 @@ class KernelCache:
         self._kernel = kernel.detach()
         return self._kernel
 
+    def holds(self, kernel: Tensor) -> bool:
+        """Whether ``kernel`` is the cached tensor itself."""
+        return kernel is self._kernel
+
     def __deepcopy__(self, memo) -> 'KernelCache':
         # A copied layer has new parameters: nothing cached carries over.
         return KernelCache()

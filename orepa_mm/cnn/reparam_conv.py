@@ -100,6 +100,10 @@ class ReparamConv2d(BaseModule):
         kernel = self.kernel()
         if torch.compiler.is_compiling():
             return kernel
+        if self._kernel_cache.holds(kernel):
+            # A reused kernel is handed out as a copy: a write through a view the writable
+            # kernel cannot follow (``weight.view(-1).mul_(0)``) must not corrupt the cache.
+            kernel = kernel.clone()
         return WritableKernel.of(kernel, self)
 
     def __setattr__(self, name: str, value) -> None:

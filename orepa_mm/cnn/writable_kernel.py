@@ -44,12 +44,18 @@ class WritableKernel(Tensor):
         view._layer = weakref.ref(layer)
         return view
 
+    def _root_kernel(self) -> 'WritableKernel':
+        root = getattr(self, '_root', None)
+        return self if root is None else root
+
     def _write_back(self) -> None:
         layer = self._layer()
         if layer is None:
             return
+        # An indexed view (``weight[0].zero_()``) writes into its root's storage: load the root.
+        root = self._root_kernel()
         with torch._C.DisableTorchFunctionSubclass():
-            value = self.detach().clone()
+            value = root.detach().clone()
         layer.load_kernel(value)
 
     @property
@@ -79,6 +85,13 @@ class WritableKernel(Tensor):
         out = kwargs.get('out')
         if isinstance(out, WritableKernel):
             out._write_back()
+        if (getattr(func, '__name__', '') == '__getitem__' and isinstance(target, WritableKernel)
+                and isinstance(result, Tensor)):
+            # weight[i] is a view: keep it writable, its writes load the whole kernel.
+            view = result.as_subclass(WritableKernel)
+            view._layer = target._layer
+            view._root = target._root_kernel()
+            return view
         return result
 
     def __reduce_ex__(self, proto):
