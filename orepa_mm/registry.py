@@ -6,6 +6,8 @@
 * Backbones go into the ``MODELS`` registry of each of mmdet, mmseg and mmpretrain that is
   importable, under the same names, so ``custom_imports=dict(imports=['orepa_mm'])`` in a
   config of any of them makes ``type='OREPAResNet'`` (etc.) available.
+* mmpretrain's ``RepVGGBlock.switch_to_deploy`` is made to bake the OREPA layers it leaves
+  (see :func:`~orepa_mm.models.backbones.orepa_vgg.make_repvgg_blocks_deploy_to_stock_convs`).
 
 Registration is idempotent: a second call (re-import, reload in tests) changes nothing.
 """
@@ -48,4 +50,6 @@ def register_all_modules() -> List[str]:
         for name, cls in backbones.BACKBONES.items():
             _register(registry, name, cls)
         filled.append(library)
+    from .models.backbones.orepa_vgg import make_repvgg_blocks_deploy_to_stock_convs
+    make_repvgg_blocks_deploy_to_stock_convs()
     return filled

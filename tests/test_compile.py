@@ -1,5 +1,5 @@
 """torch.compile of the train-time layers and backbones: eager's numbers, no graph breaks of
-orepa_mm's own, and the fast CPU paths (fused loops, oneDNN GEMM) kept in compiled graphs.
+orepa_mm's own, and the fast CPU paths (fused loops) kept in compiled graphs.
 Plus the precision contract of the kernel functions under autocast.
 
 Every model here is tiny (a few channels, 32 px): Dynamo tracing, not arithmetic, is the cost.
@@ -14,7 +14,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from orepa_mm.cnn import (OREPA_VGG_BRANCHES, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d,
                           ReparamConv2d)
-from orepa_mm.cnn import fused_ops, gemm
+from orepa_mm.cnn import fused_ops
 from tests.numerics import rel_err
 
 
@@ -103,7 +103,7 @@ LAYERS = {
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
 @pytest.mark.parametrize('name', list(LAYERS))
 def test_layer_under_aot_eager_matches_eager(name, dtype):
-    """float64 takes the PyTorch path (CUDA's), float32 the fused loops and oneDNN products."""
+    """float64 takes the PyTorch path (CUDA's), float32 the fused loops."""
     torch.manual_seed(0)
     layer = randomise(LAYERS[name]()).to(dtype)
     x = torch.randn(2, layer.in_channels, 12, 12, dtype=dtype)
@@ -114,7 +114,7 @@ def test_layer_under_aot_eager_matches_eager(name, dtype):
 
 
 def test_compiled_graphs_keep_the_fused_ops():
-    """The fused loops and the oneDNN GEMM are nodes of the compiled forward and backward."""
+    """The fused loops are nodes of the compiled forward and backward."""
     if fused_ops.KXK_KERNEL_OPS is None:
         pytest.skip('orepa_mm._kxk_kernel_ops is not built (make install builds it)')
     torch.manual_seed(0)
@@ -128,8 +128,6 @@ def test_compiled_graphs_keep_the_fused_ops():
     assert_same(eager, compiled, 1e-5)
     for name in fused_ops.FUSED_OP_NAMES:
         assert f'orepa_mm.{name}.default' in recorder.targets, name
-    if gemm.ONEDNN_LINEAR is not None:
-        assert 'orepa_mm.onednn_mm.default' in recorder.targets
 
 
 # -- (b) OREPAResNet (mmdet) ----------------------------------------------------------------------
@@ -186,8 +184,6 @@ def test_small_model_under_inductor_matches_eager_and_calls_the_fused_ops():
     if fused_ops.KXK_KERNEL_OPS is not None:
         for name in fused_ops.FUSED_OP_NAMES:
             assert f'orepa_mm.{name}' in code, name
-    if gemm.ONEDNN_LINEAR is not None:
-        assert 'orepa_mm.onednn_mm' in code
 
 
 # -- (d) OREPAVGG (mmpretrain) --------------------------------------------------------------------
@@ -236,7 +232,6 @@ def test_kernel_functions_run_in_fp32_under_autocast(name, path, monkeypatch):
     switched off, so that every product is one autocast would lower to bf16)."""
     if path == 'pytorch':
         monkeypatch.setattr(fused_ops, 'KXK_KERNEL_OPS', None)
-        monkeypatch.setattr(gemm, 'ONEDNN_LINEAR', None)
     torch.manual_seed(0)
     layer = randomise(AUTOCAST_LAYERS[name]())
     params = list(layer.parameters())

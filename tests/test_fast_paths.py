@@ -1,8 +1,7 @@
 """The fast CPU paths of kernel generation against the reference path.
 
 The online/offline tests run in float64, which takes the PyTorch reference path (torch.mm,
-no fused loops). Here float32 layers, which take oneDNN's GEMM and the fused loops of
-orepa_mm/csrc, must match the same layers in float64; and those ops must be well-formed
+no fused loops). Here float32 layers, which take the fused loops of orepa_mm/csrc, must match the same layers in float64; and those ops must be well-formed
 dispatcher ops for torch.compile (tests/test_compile.py compiles them)."""
 import os
 
@@ -11,31 +10,10 @@ import torch
 
 from orepa_mm.cnn import OREPA_VGG_BRANCHES, OREPAConv1x1, OREPAConv2d
 from orepa_mm.cnn.fused_ops import FUSED_OP_NAMES, KXK_KERNEL_OPS, fused_kxk_ops
-from orepa_mm.cnn.gemm import ONEDNN_LINEAR, batched_matmul, matmul, onednn_mm, uses_onednn
 
 
 def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.mark.parametrize('m,k,n', [(3, 5, 7), (72, 16, 24), (288, 64, 40)])
-@pytest.mark.parametrize('transpose_a', [False, True])
-@pytest.mark.parametrize('transpose_b', [False, True])
-def test_matmul_matches_float64(m, k, n, transpose_a, transpose_b):
-    torch.manual_seed(0)
-    a = torch.randn(k, m).t() if transpose_a else torch.randn(m, k)
-    b = torch.randn(n, k).t() if transpose_b else torch.randn(k, n)
-    out = matmul(a, b)
-    assert out.shape == (m, n) and out.dtype == torch.float32
-    assert _rel_err(out.double(), a.double() @ b.double()) < 1e-6
-    assert matmul(a.double(), b.double()).dtype == torch.float64
-
-
-def test_batched_matmul_matches_bmm():
-    torch.manual_seed(0)
-    for batch in (1, 4):
-        a, b = torch.randn(batch, 30, 8), torch.randn(batch, 20, 8).transpose(1, 2)
-        assert _rel_err(batched_matmul(a, b).double(), torch.bmm(a.double(), b.double())) < 1e-6
 
 
 def test_fused_loops_serve_ungrouped_float32_cpu_layers():
@@ -93,22 +71,6 @@ def test_a_stale_build_of_the_fused_loops_is_not_used(monkeypatch):
         assert fused_ops._load() is None
 
 
-def test_onednn_mm_custom_op_is_traceable_and_exact():
-    if ONEDNN_LINEAR is None:
-        pytest.skip('this torch has no oneDNN')
-    torch.manual_seed(0)
-    a, b = torch.randn(7, 5).t(), torch.randn(3, 7).t()
-    torch.library.opcheck(onednn_mm, (a, b))
-    assert torch.equal(onednn_mm(a, b), matmul(a, b))
-
-
-def test_cpu_float32_uses_onednn_when_torch_has_it():
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip('this torch has no oneDNN')
-    assert uses_onednn(torch.ones(2, 2))
-    assert not uses_onednn(torch.ones(2, 2, dtype=torch.float64))
-
-
 @pytest.mark.parametrize('layer_fn', [
     lambda: OREPAConv2d(24, 40, 3),
     lambda: OREPAConv2d(40, 24, 5, internal_channels=16, expand_ratio=3),
@@ -121,7 +83,7 @@ def test_cpu_float32_uses_onednn_when_torch_has_it():
     lambda: OREPAConv1x1(40, 24),
 ])
 def test_float32_kernel_and_gradients_match_float64(layer_fn):
-    """The fp32 path (oneDNN products) against the same layer in float64 (torch.mm)."""
+    """The fp32 path (fused loops) against the same layer in float64 (the PyTorch path)."""
     torch.manual_seed(0)
     layer = layer_fn()
     with torch.no_grad():

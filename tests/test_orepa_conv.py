@@ -213,12 +213,12 @@ def test_deploy_matches_train_time_eval(conv_fn, device):
     assert deployed[0].weight.dtype == torch.float32
 
 
-# -- kernel cache --------------------------------------------------------------------------------
-def test_eval_kernel_cache_is_reused_and_invalidated():
+# -- the kernel is the function of the current parameters ---------------------------------------
+def test_eval_kernel_follows_every_parameter_change():
     layer = OREPAConv2d(4, 8, 3).eval()
     with torch.no_grad():
         first = layer.kernel()
-        assert layer.kernel() is first  # cached while nothing changes
+        assert torch.equal(layer.kernel(), first) and not first.requires_grad
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer.train()
     layer(torch.randn(1, 4, 6, 6)).sum().backward()
@@ -226,13 +226,12 @@ def test_eval_kernel_cache_is_reused_and_invalidated():
     layer.eval()
     with torch.no_grad():
         second = layer.kernel()
-        assert second is not first and not torch.equal(second, first)
+        assert not torch.equal(second, first)
         assert torch.equal(second, layer.generate_kernel())
-        layer.branch_scales.add_(1.0)  # any in-place change invalidates
+        layer.branch_scales.add_(1.0)  # any in-place change is seen
         assert torch.equal(layer.weight, layer.generate_kernel())
     layer.train()
-    assert layer._kernel_cache.lookup(layer.kernel_parameters()) is None
-    assert layer.weight.requires_grad  # training: generated afresh, differentiable
+    assert layer.weight.requires_grad  # training: differentiable
 
 
 # -- mixed precision -----------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Benchmark one conv layer: plain vs DBB vs OREPA, forward + backward, ratios in one run.
 
     python tools/benchmark_conv.py --channels 256 --size 64 --batch-size 2
-    python tools/benchmark_conv.py --gemm     # the kernel-generation products: torch.mm vs ours
     python tools/benchmark_conv.py --compile  # one OREPA layer: torch.compile vs eager
 
 Each variant is a host-model slice (conv + BN) timed over ``--steps`` steps after warm-up,
@@ -39,24 +38,6 @@ def _median_time(fn, steps, warmup):
         if step >= warmup:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
-
-
-def benchmark_gemm(args):
-    """torch.mm vs orepa_mm.cnn.gemm.matmul on the products a C-channel 3 x 3 layer generates."""
-    from orepa_mm.cnn.gemm import matmul, uses_onednn
-    c, x = args.channels, args.kernel_size**2
-    shapes = {'compose fwd (OX,T)@(T,I)': (c * x, c, c),
-              'compose dM (T,OX)@(OX,I)': (c, c * x, c),
-              '1x1 pair (O,J)@(J,4I)': (c, c, 4 * c)}
-    print(f'device=cpu torch={torch.__version__} threads={torch.get_num_threads()} '
-          f'oneDNN={uses_onednn(torch.ones(1))}')
-    print(f'{"product":<28}{"torch.mm GMAC/s":>17}{"ours GMAC/s":>13}{"speed-up":>10}')
-    for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        base = _median_time(lambda: torch.mm(a, b), args.steps, args.warmup)
-        ours = _median_time(lambda: matmul(a, b), args.steps, args.warmup)
-        gmac = m * k * n / 1e9
-        print(f'{name:<28}{gmac / base:>17.0f}{gmac / ours:>13.0f}{base / ours:>9.2f}x')
 
 
 def benchmark_compile(args):
@@ -105,15 +86,11 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--variants', nargs='+', default=['plain', 'dbb', 'orepa'])
-    parser.add_argument('--gemm', action='store_true',
-                        help='time the kernel-generation matrix products instead')
     parser.add_argument('--compile', action='store_true',
                         help='time one OREPA layer under torch.compile against eager instead')
     parser.add_argument('--compile-backend', default='inductor',
                         help='torch.compile backend for --compile (default: inductor)')
     args = parser.parse_args()
-    if args.gemm:
-        return benchmark_gemm(args)
     if args.compile:
         return benchmark_compile(args)
 

@@ -5,15 +5,14 @@ Written with plain autograd, each branch keeps a full-size scaled temporary aliv
 backward pass and the generator is ~40 small ops. This function saves only its inputs (the
 parameters, which live anyway), sums the branches into one output buffer, and computes all
 gradients with a handful of (batched) matrix products: same FLOPs as autograd's, no extra
-memory, fewer passes over kernel-sized tensors. The large products run on :mod:`.gemm`
-(oneDNN on CPU). Not twice differentiable: ``once_differentiable`` says so instead of
-returning wrong second derivatives. Both directions run in the inputs' precision with
-autocast off (:func:`.gemm.full_precision_forward`), also when ``backward()`` is called inside
-an autocast region.
+memory, fewer passes over kernel-sized tensors. Not twice differentiable:
+``once_differentiable`` says so instead of returning wrong second derivatives. Both directions
+run in the inputs' precision with autocast off (:func:`.precision.full_precision_forward`),
+also when ``backward()`` is called inside an autocast region.
 
 torch.compile traces it (Dynamo traces custom autograd functions, forward and backward): the
-fused CPU loops are dispatcher ops (:mod:`.fused_ops`) and the products go through
-:mod:`.gemm`, so compiled graphs keep both, without graph breaks.
+fused CPU loops are dispatcher ops (:mod:`.fused_ops`), so compiled graphs keep them, without
+graph breaks.
 
 The kernel, for output channel o, per group (I_g = in/groups, X = k * k):
 
@@ -32,7 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_ops import fused_kxk_ops
-from .gemm import batched_matmul, full_precision_backward, full_precision_forward, matmul
+from .precision import full_precision_backward, full_precision_forward
 from .kernels import depthwise_pointwise_to_kernel
 
 
@@ -131,7 +130,7 @@ def _forward_torch(origin, v_origin, mats, patterns, v_small, second, first, v_c
         # composing is one large product per group: (O_g X, T_g) @ (T_g, I_g).
         second_t = second.reshape(groups, o_g, t_g, x).transpose(2, 3).reshape(
             groups, o_g * x, t_g)
-        composed = batched_matmul(second_t, first.reshape(groups, t_g, i_g))
+        composed = torch.bmm(second_t, first.reshape(groups, t_g, i_g))
         out.view(o, i_g, x).addcmul_(composed.view(o, x, i_g).transpose(1, 2),
                                      v_compose.view(-1, 1, 1))
     if pointwise is not None:
@@ -169,7 +168,7 @@ def _backward_torch(grad, wanted, origin, v_origin, mats, patterns, v_small, sec
         # G with the taps before the input channels: (g, O_g * X, I_g).
         g_t = g3.reshape(g, o_g, i_g, x).transpose(2, 3).reshape(g, o_g * x, i_g)
         # h[o, t, x] = sum_i G[o, i, x] M[t, i]: the unscaled gradient of C2.
-        h = batched_matmul(g_t, first.reshape(g, t_g, i_g).transpose(1, 2))
+        h = torch.bmm(g_t, first.reshape(g, t_g, i_g).transpose(1, 2))
         h = h.view(o, x, t_g).transpose(1, 2).contiguous()
         second3 = second.reshape(o, t_g, x)
         if wanted['v_compose']:
@@ -190,7 +189,7 @@ def _backward_torch(grad, wanted, origin, v_origin, mats, patterns, v_small, sec
                 torch.mul(t_first, v_compose.view(g, 1, o_g, 1), out=scaled)
                 scaled = scaled.view(g, t_g, o_g * x)
             # dM[t, i] = sum_{o, x} v[o] C2[o, t, x] G[o, i, x]
-            grads['first'] = batched_matmul(scaled, g_t).reshape(first.shape)
+            grads['first'] = torch.bmm(scaled, g_t).reshape(first.shape)
 
     if pointwise is not None:
         e = pointwise.shape[1] // i_g
@@ -223,7 +222,7 @@ def _forward_fused(ops, origin, v_origin, mats, patterns, v_small, second, first
         t = second.shape[1]
         # v[o] C2 with its taps first, (O X, T): one large product composes the branch.
         second_t = ops.taps_first_scaled(*_contiguous(second.reshape(o, t, x), v_compose))
-        composed = matmul(second_t.view(o * x, t), first).view(o, x, i)
+        composed = torch.mm(second_t.view(o * x, t), first).view(o, x, i)
     pw = dw = None
     if pointwise is not None:
         e = pointwise.shape[1] // i
@@ -257,13 +256,13 @@ def _backward_fused(ops, grad, origin, v_origin, mats, patterns, v_small, second
         t = second.shape[1]
         g_t = g_t.view(o * x, i)
         # h[o, x, t] = sum_i G[o, i, x] M[t, i]: the unscaled gradient of C2, taps first.
-        h = matmul(g_t, first.t())
+        h = torch.mm(g_t, first.t())
         second3, v_compose = _contiguous(second.reshape(o, t, x), v_compose)
         d_second, dv_compose = ops.compose_backward(h.view(o, x, t), second3, v_compose)
         # dM[t, i] = sum_{o, x} v[o] C2[o, t, x] G[o, i, x]
         scaled = ops.t_major_scaled(second3, v_compose).view(t, o * x)
         grads.update(second=d_second.view(second.shape), v_compose=dv_compose,
-                     first=matmul(scaled, g_t))
+                     first=torch.mm(scaled, g_t))
     return grads
 
 

@@ -39,6 +39,11 @@ def _init_kaiming(param: Tensor, a: float, gain: float = 1.0):
         param.data.mul_(gain)
 
 
+def _branch_state(layer: nn.Module) -> Dict[str, Tensor]:
+    """Copies of the layer's branch parameters (every parameter but ``bias``), by name."""
+    return {name: p.detach().clone() for name, p in layer.named_parameters() if name != 'bias'}
+
+
 class _StockWeightLoadingMixin:
     """Turns a stock ``<prefix>weight`` in a state dict into this layer's branch parameters.
 
@@ -49,8 +54,9 @@ class _StockWeightLoadingMixin:
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
         """Branch tensors (names relative to this module) whose kernel equals ``weight``: the
-        origin is ``weight``, its scale 1, every other branch's scale row 0."""
-        state = {name: p.detach().clone() for name, p in self.named_parameters()}
+        origin is ``weight``, its scale 1, every other branch's scale row 0. ``bias`` is not
+        a branch: a stock checkpoint's ``bias`` loads as it is."""
+        state = _branch_state(self)
         state['origin'] = weight
         # A real (O-strided) tensor: an expanded view would share memory across channels,
         # and an optimizer step on it (after load_state_dict(assign=True)) would fail.
@@ -311,7 +317,7 @@ class OREPALargeConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         return kernel + self.origin * self.origin_scale.view(-1, 1, 1, 1)
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        state = {name: p.detach().clone() for name, p in self.named_parameters()}
+        state = _branch_state(self)
         state['origin'] = weight
         state['origin_scale'] = torch.ones_like(self.origin_scale)
         last = f'stem_layers.{len(self.stem_layers) - 1}.branch_scales'

@@ -1,4 +1,24 @@
-"""What every orepa_mm re-parameterizable conv shares: the conv interface and the deploy bake.
+"""The contract every orepa_mm re-param conv keeps, and the conv interface they share.
+
+The contract (docs/development.md states it once for users):
+
+* A re-param layer is a **pure function of its parameters and buffers**: its forward is a conv
+  with :meth:`ReparamConv2d.kernel`, generated from the current values every call. There is no
+  kernel cache, so nothing can be stale (``.data`` writes of an EMA / mean teacher, optimizer
+  steps, ``load_state_dict``, BN buffers of DBB) and nothing reads a value back to the host:
+  the forward makes no device synchronisation. Where no gradient is needed (eval, frozen
+  stages, teachers, ``inference_mode``) the kernel is generated without autograd, which
+  saves and keeps nothing. Deploy (:func:`orepa_mm.reparameterize_model`) for inference speed.
+* **Every read of** ``weight`` is that function's value now (a :class:`WritableKernel`).
+* **Every write either lands exactly or raises one sentence**: in-place writes to ``weight``
+  or any view of it, ``weight = w``, ``weight.data = w``, ``nn.init.*_``, ``out=`` load the
+  written kernel exactly (:meth:`load_kernel`); a write through a handle read before the
+  parameters changed raises; ``weight_norm``, ``spectral_norm``, parametrizations and pruning
+  of the derived ``weight`` raise (deploy first, then apply them to the stock conv).
+* **Loading** a stock (``weight`` [+ ``bias``]), an OREPA or a deployed state dict gives
+  exactly the function those tensors describe (see ``_StockWeightLoadingMixin``).
+* **No wrapper changes a gradient**: a wrapper that supplies the kernel (OREPA-DDP) does so
+  through the one documented hook, :attr:`ReparamConv2d.kernel_source`.
 
 A re-param conv looks like ``nn.Conv2d`` to the rest of the OpenMMLab ecosystem (``weight``,
 ``in_channels``, ``kernel_size``, ``stride``, ... exist), so ConvModule, mmpretrain's RepVGG
@@ -6,6 +26,7 @@ fusion and FLOP counters work unchanged, and ``to_conv2d()`` bakes it into a sto
 ``nn.Conv2d`` under the same attribute name, which is what ``reparameterize_model`` relies on.
 """
 import copy
+import itertools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -15,15 +36,40 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .kernel_cache import KernelCache
 from .writable_kernel import WritableKernel
 
 
+def _derived_weight_message(layer_type: str) -> str:
+    return (f'{layer_type}.weight is derived from the layer\'s branches, so it cannot '
+            'be replaced, re-parametrized, normalised or pruned; re-parameterize the model first '
+            '(orepa_mm.reparameterize_model) and apply this to the deployed nn.Conv2d.')
+
+
+class _ParameterDict(dict):
+    """A re-param layer's ``_parameters``: asking it for ``'weight'`` (what the deprecated
+    ``nn.utils.weight_norm`` / ``spectral_norm`` do) raises the contract's sentence instead of
+    a bare ``KeyError`` deep inside torch."""
+
+    __slots__ = ('layer_type', )
+
+    def __missing__(self, key):
+        if key == 'weight':
+            raise TypeError(_derived_weight_message(self.layer_type))
+        raise KeyError(key)
+
+    def __delitem__(self, key):
+        if key == 'weight' and key not in self:
+            raise TypeError(_derived_weight_message(self.layer_type))
+        super().__delitem__(key)
+
+
 class ReparamConv2d(BaseModule):
-    """Base class: conv attributes, optional bias, kernel cache and the float64 deploy bake.
+    """Base class: conv attributes, optional bias, the derived ``weight`` and the deploy bake.
 
     Subclasses implement :meth:`generate_kernel` (the equivalent kernel from the branch
-    parameters) and may override :meth:`equivalent_kernel_bias` and ``forward``.
+    parameters) and :meth:`stock_state`, and may override :meth:`equivalent_kernel_bias` and
+    ``forward`` (a forward that is not a conv with :meth:`kernel` runs its branches on the
+    features, as DBB does).
     """
 
     def __init__(self,
@@ -37,6 +83,8 @@ class ReparamConv2d(BaseModule):
                  bias: bool = False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        self._parameters = _ParameterDict(self._parameters)
+        self._parameters.layer_type = type(self).__name__
         kernel_size = _pair(kernel_size)
         if kernel_size[0] != kernel_size[1]:
             raise ValueError(f'{type(self).__name__} needs a square kernel, got {kernel_size}.')
@@ -55,7 +103,11 @@ class ReparamConv2d(BaseModule):
         self.output_padding = (0, 0)
         self.padding_mode = 'zeros'
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self._kernel_cache = KernelCache()
+        #: Where the kernel comes from, when not from :meth:`generate_kernel`: None, or a
+        #: ``weakref.ref`` to an object with ``kernel_for(layer) -> Optional[Tensor]`` (a
+        #: wrapper such as OREPA-DDP that convolves with a kernel of its own making). Copies
+        #: (deepcopy, pickle) do not carry it: an EMA or deployed copy generates its own.
+        self.kernel_source = None
 
     # -- kernel -------------------------------------------------------------------------------
     def generate_kernel(self) -> Tensor:
@@ -67,44 +119,56 @@ class ReparamConv2d(BaseModule):
         return [p for name, p in self.named_parameters() if name != 'bias']
 
     def kernel(self) -> Tensor:
-        """The squeezed kernel as a plain tensor, generated in fp32 under autocast.
+        """The squeezed kernel now, in the parameters' precision (fp32 under autocast).
 
-        Generated afresh whenever autograd needs it (training: some parameter requires grad).
-        Otherwise (validation, a frozen stage, a teacher model) it is reused for as long as
-        the parameters hold exactly the values it was made from (:class:`KernelCache`,
-        exact also for ``.data`` writes), so an unconverted model evaluates and a frozen
-        stage trains at almost the cost of a plain conv. Never cached under torch.compile.
+        Generated afresh every call, from the current parameters and buffers (see the module
+        docstring), or taken from :attr:`kernel_source` when a wrapper supplies it. With no
+        gradient needed (no grad mode, frozen parameters) autograd records nothing.
         """
-        params = self.kernel_parameters()
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            self._kernel_cache.clear()
-            return self._generate_full_precision()
-        cached = self._kernel_cache.lookup(params)
-        if cached is None:
-            cached = self._kernel_cache.store(params, self._generate_full_precision())
-        return cached
-
-    def clear_kernel_cache(self) -> None:
-        """Drop the cached kernel (it is also dropped by ``train()`` / ``eval()``)."""
-        self._kernel_cache.clear()
+        source = self.kernel_source() if self.kernel_source is not None else None
+        if source is not None:
+            kernel = source.kernel_for(self)
+            if kernel is not None:
+                return kernel
+        device_type = self.branch_parameter().device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.generate_kernel()
 
     @property
     def weight(self) -> Tensor:
         """The squeezed kernel, like ``nn.Conv2d.weight``; writes to it are loaded back.
 
         ``layer.weight = w``, ``layer.weight.data = w``, ``nn.init.*_(layer.weight)``,
-        ``layer.weight.copy_(w)``: each sets the layer so that its kernel equals the written
-        value exactly (:meth:`load_kernel`). See :mod:`orepa_mm.cnn.writable_kernel`.
+        ``layer.weight.copy_(w)``, ``layer.weight.view(-1).mul_(0)``: each sets the layer so
+        that its kernel equals the written value exactly (:meth:`load_kernel`). See
+        :mod:`orepa_mm.cnn.writable_kernel`.
         """
         kernel = self.kernel()
         if torch.compiler.is_compiling():
             return kernel
-        if self._kernel_cache.holds(kernel):
-            # A reused kernel is handed out as a copy: a write through a view the writable
-            # kernel cannot follow (``weight.view(-1).mul_(0)``) must not corrupt the cache.
-            kernel = kernel.clone()
         return WritableKernel.of(kernel, self)
+
+    @weight.deleter
+    def weight(self) -> None:
+        raise TypeError(_derived_weight_message(type(self).__name__))
+
+    @property
+    def parametrizations(self):
+        """Refuses ``torch.nn.utils.parametrize`` (weight_norm, spectral_norm, orthogonal...)
+        on the derived ``weight`` with the contract's sentence (torch asks for this attribute
+        before it registers anything)."""
+        raise TypeError(_derived_weight_message(type(self).__name__))
+
+    def __dir__(self):
+        # Introspection (torch.jit.trace's export scan, inspect.getmembers) must not trip it.
+        return [name for name in super().__dir__() if name != 'parametrizations']
+
+    def register_parameter(self, name: str, param) -> None:
+        if name.startswith('weight'):
+            # torch.nn.utils.prune moves ``weight`` to ``weight_orig``; weight_norm registers
+            # ``weight_g`` / ``weight_v``: neither can apply to a derived kernel.
+            raise TypeError(_derived_weight_message(type(self).__name__))
+        super().register_parameter(name, param)
 
     def __setattr__(self, name: str, value) -> None:
         if name == 'weight':
@@ -115,36 +179,51 @@ class ReparamConv2d(BaseModule):
             return
         super().__setattr__(name, value)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['kernel_source'] = None
+        return state
+
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
-        """Parameter values (names relative to this layer) whose kernel is exactly ``weight``."""
+        """Branch tensors (names relative to this layer, ``bias`` excluded) whose kernel is
+        exactly ``weight``."""
         raise TypeError(f'a kernel cannot be written into a {type(self).__name__} layer (its '
                         'branches have their own norms); re-parameterize the model first '
                         '(orepa_mm.reparameterize_model) and write the deployed conv.')
 
     @torch.no_grad()
-    def load_kernel(self, weight: Tensor) -> None:
+    def load_kernel(self, weight: Tensor, expected_current: Optional[Tensor] = None) -> None:
         """Make the squeezed kernel exactly ``weight``: origin = ``weight``, every other branch
-        scaled to zero (as when a stock ``weight`` is loaded from a state dict)."""
+        scaled to zero (as when a stock ``weight`` is loaded from a state dict).
+
+        ``expected_current``: what the writer believes the kernel is now (a ``weight`` handle's
+        value before its write); if the layer's kernel differs, the handle is stale and the
+        write is refused rather than loading old values over an optimizer step.
+        """
         expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         if tuple(weight.shape) != expected:
             raise ValueError(f'cannot write a kernel of shape {tuple(weight.shape)} into a '
                              f'{type(self).__name__} layer of shape {expected}.')
-        for name, value in self.stock_state(weight.detach()).items():
+        state = self.stock_state(weight.detach())
+        if expected_current is not None and not torch.equal(
+                self.kernel().to(expected_current.dtype), expected_current):
+            raise ValueError(f'this {type(self).__name__}.weight tensor was read before the '
+                             'layer\'s parameters changed, so writing it would load old values; '
+                             'read layer.weight again and write to that.')
+        for name, value in state.items():
             self.get_parameter(name).copy_(value)
-        self.clear_kernel_cache()
-
-    def _generate_full_precision(self) -> Tensor:
-        device_type = self.branch_parameter().device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            return self.generate_kernel()
 
     def branch_parameter(self) -> Tensor:
-        """Any parameter of the layer (for its device and dtype)."""
-        return next(self.parameters())
+        """A tensor of the layer's kernel parameters (for their device and dtype).
 
-    def train(self, mode: bool = True):
-        self._kernel_cache.clear()
-        return super().train(mode)
+        DataParallel replicas hold their parameters as plain attributes, listed in
+        ``_former_parameters``, not as registered parameters.
+        """
+        replica_params = getattr(self, '_former_parameters', {}).values()
+        for tensor in itertools.chain(self.parameters(), replica_params):
+            if tensor is not None:
+                return tensor
+        raise RuntimeError(f'{type(self).__name__} has no parameters.')
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation,
@@ -181,14 +260,3 @@ class ReparamConv2d(BaseModule):
             s += ', bias=False'
         return s
 
-
-def clear_kernel_cache(model: nn.Module) -> int:
-    """Drop the cached kernel of every re-param layer in ``model``; returns how many.
-
-    Never needed for correctness (the cache checks parameter values before every reuse); it
-    frees the cached kernels and parameter copies, e.g. before saving memory for training.
-    """
-    layers = [m for m in model.modules() if isinstance(m, ReparamConv2d)]
-    for layer in layers:
-        layer.clear_kernel_cache()
-    return len(layers)

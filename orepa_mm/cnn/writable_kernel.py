@@ -3,12 +3,22 @@
 ``weight`` is derived (a function of the branch parameters), so a plain tensor returned from
 it would silently swallow writes: mmpretrain's ``RepVGGBlock.switch_to_deploy`` and MobileOne
 do ``branch_reparam.weight.data = fused``, mmengine's init overrides do
-``nn.init.kaiming_normal_(layer.weight)``, hand-written code does ``layer.weight.copy_(w)``.
-:class:`WritableKernel` is a tensor subclass that behaves as the plain kernel for every read
-(``__torch_function__`` runs each op on the plain tensor and returns plain results), and turns
-every write into ``layer.load_kernel(new_value)``: origin = the written kernel, every other
-branch scaled to zero, exactly what loading a stock ``weight`` does. A write that a layer cannot
-take (a DBB layer, a wrong shape) raises there and then.
+``nn.init.kaiming_normal_(layer.weight)``, hand-written code does ``layer.weight.copy_(w)`` or
+``layer.weight.view(-1).mul_(0)``. :class:`WritableKernel` is a tensor subclass that behaves as
+the plain kernel for every read (``__torch_function__`` runs each op on the plain tensor and
+returns plain results), except that every view of it (indexing, ``view``, ``detach``,
+``permute``, ``.data``, ``unbind``, ...) is again a writable kernel tied to the same handle.
+An in-place write to the handle or to any of its views (methods ending in ``_``, ``[...] =``,
+``out=``, ``torch._foreach_*_``, ``nn.init.*_``) loads the handle's new value into the layer
+(:meth:`ReparamConv2d.load_kernel`: origin = the written kernel, every other branch scaled to
+zero, exactly what loading a stock ``weight`` does).
+
+A write is exact only if the handle still holds the layer's kernel: ``w = layer.weight``, then
+an optimizer step, then ``w[0] = 0`` would otherwise load the pre-step values of every other
+row. So before loading, the handle's value before the write is compared with the layer's
+kernel now, and a stale handle raises instead of rolling the step back. (Writes are rare and
+off the training step, so the comparison's cost and device sync do not matter there.)
+A write that a layer cannot take (a DBB layer, a wrong shape) raises there and then.
 """
 import weakref
 
@@ -25,46 +35,60 @@ _INPLACE_DUNDERS = frozenset({
 })
 
 
-def _writes_self(func) -> bool:
+def _writes_in_place(func) -> bool:
     name = getattr(func, '__name__', '')
     if name in _INPLACE_DUNDERS:
         return True
     return name.endswith('_') and not name.startswith('__') and name not in _NOT_WRITES
 
 
+def _plain(t: Tensor) -> Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.detach().clone()
+
+
+def _storage_ptr(t: Tensor) -> int:
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.untyped_storage().data_ptr()
+
+
 class WritableKernel(Tensor):
-    """A generated kernel whose in-place writes, ``.data`` assignments and ``out=`` results are
-    loaded back into the layer it came from (see the module docstring)."""
+    """A generated kernel whose in-place writes (also through its views), ``.data``
+    assignments and ``out=`` results are loaded into the layer it came from (see the module
+    docstring)."""
 
     @staticmethod
     def of(kernel: Tensor, layer) -> 'WritableKernel':
         """``kernel`` (a plain tensor, autograd history kept) as the writable weight of
-        ``layer``."""
-        view = kernel.as_subclass(WritableKernel)
-        view._layer = weakref.ref(layer)
-        return view
+        ``layer``: the root of its own views."""
+        handle = kernel.as_subclass(WritableKernel)
+        handle._layer = weakref.ref(layer)
+        handle._root = None
+        return handle
 
-    def _root_kernel(self) -> 'WritableKernel':
+    def _root_handle(self) -> 'WritableKernel':
         root = getattr(self, '_root', None)
         return self if root is None else root
 
-    def _write_back(self) -> None:
+    def _view_of(self, view: Tensor) -> 'WritableKernel':
+        view = view.as_subclass(WritableKernel)
+        view._layer = self._layer
+        view._root = self._root_handle()
+        return view
+
+    def _load_into_layer(self, before: Tensor) -> None:
+        """Load this handle (the root) into its layer; ``before`` is its value before the
+        write, which must be the layer's kernel now (else the handle is stale)."""
         layer = self._layer()
         if layer is None:
             return
-        # An indexed view (``weight[0].zero_()``) writes into its root's storage: load the root.
-        root = self._root_kernel()
-        with torch._C.DisableTorchFunctionSubclass():
-            value = root.detach().clone()
-        layer.load_kernel(value)
+        layer.load_kernel(_plain(self), expected_current=before)
 
     @property
     def data(self) -> 'WritableKernel':
         with torch._C.DisableTorchFunctionSubclass():
             plain = torch._C.TensorBase.data.__get__(self).as_subclass(Tensor)
-        view = plain.as_subclass(WritableKernel)
-        view._layer = self._layer
-        return view
+        return self._view_of(plain)
 
     @data.setter
     def data(self, value: Tensor) -> None:
@@ -76,25 +100,58 @@ class WritableKernel(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        written = _written_handles(func, args, kwargs) if _may_write(func, kwargs) else []
+        before = [(root, _plain(root)) for root in written]
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
-        # The written tensor: the first argument, or a keyword one (nn.init's `tensor=`).
-        target = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(target, WritableKernel) and _writes_self(func):
-            target._write_back()
-        out = kwargs.get('out')
-        if isinstance(out, WritableKernel):
-            out._write_back()
-        if (getattr(func, '__name__', '') == '__getitem__' and isinstance(target, WritableKernel)
-                and isinstance(result, Tensor)):
-            # weight[i] is a view: keep it writable, its writes load the whole kernel.
-            view = result.as_subclass(WritableKernel)
-            view._layer = target._layer
-            view._root = target._root_kernel()
-            return view
+        for root, value in before:
+            root._load_into_layer(value)
+        source = args[0] if args else None
+        if isinstance(source, WritableKernel):
+            return _wrap_views(source, result)
         return result
 
     def __reduce_ex__(self, proto):
         # Saving it (torch.save, deepcopy) saves the plain kernel.
         with torch._C.DisableTorchFunctionSubclass():
             return self.detach().clone().__reduce_ex__(proto)
+
+
+def _may_write(func, kwargs) -> bool:
+    return _writes_in_place(func) or isinstance(kwargs.get('out'), WritableKernel)
+
+
+def _written_handles(func, args, kwargs):
+    """The root handles that ``func(*args, **kwargs)`` writes into, each once."""
+    targets = []
+    if _writes_in_place(func):
+        # The written tensor: the first argument (a list for torch._foreach_*_), or a keyword
+        # one (nn.init's ``tensor=``).
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        targets.extend(first if isinstance(first, (list, tuple)) else [first])
+    out = kwargs.get('out')
+    targets.extend(out if isinstance(out, (list, tuple)) else [out])
+    roots = []
+    for target in targets:
+        if isinstance(target, WritableKernel):
+            root = target._root_handle()
+            if all(root is not r for r in roots):
+                roots.append(root)
+    return roots
+
+
+def _wrap_views(source: WritableKernel, result):
+    """Results of an op on a handle that share its memory (views) become writable handles."""
+    if isinstance(result, Tensor):
+        if type(result) is Tensor and _shares_memory(result, source):
+            return source._view_of(result)
+        return result
+    if isinstance(result, (tuple, list)) and any(isinstance(r, Tensor) for r in result):
+        return type(result)(tuple(_wrap_views(source, r) for r in result))
+    return result
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    if a.is_meta or a.numel() == 0:
+        return False
+    return _storage_ptr(a) == _storage_ptr(b)

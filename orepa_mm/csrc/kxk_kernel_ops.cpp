@@ -1,6 +1,6 @@
 // Fused CPU loops of the k x k OREPA kernel generator (float32, groups = 1).
 //
-// Why: after the large products (oneDNN), the rest of kernel generation is a dozen
+// Why: after the large products (torch.mm), the rest of kernel generation is a dozen
 // element-wise passes, small batched products and layout copies over kernel-sized tensors,
 // each streaming megabytes through memory. These loops do the same arithmetic in one pass
 // per direction, one output channel at a time, with everything of that channel in cache. The

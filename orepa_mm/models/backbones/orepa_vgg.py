@@ -6,9 +6,34 @@ branch (``OREPA_VGG_BRANCHES``) and the 1 x 1 branch stays a plain conv: that is
 OREPA kernels, then runs RepVGG's own branch fusion, so the result is mmpretrain's
 ``RepVGG(deploy=True)`` key for key.
 """
+import functools
+
 from mmpretrain.models.backbones.repvgg import RepVGG, RepVGGBlock
 
 from ...deploy import reparameterize_model
+
+
+def make_repvgg_blocks_deploy_to_stock_convs() -> None:
+    """Make mmpretrain's own ``RepVGGBlock.switch_to_deploy`` give a stock deployed block.
+
+    A ``RepVGG(conv_cfg=dict(type='OREPA'))`` block fuses its branches into a conv it builds
+    with its ``conv_cfg``, i.e. into another OREPA layer: outputs agree, but the model is not
+    the stock ``RepVGG(deploy=True)`` and mmdeploy (which calls ``backbone.switch_to_deploy()``)
+    would export kernel generation. So, once, at ``import orepa_mm``, the method is wrapped to
+    bake the re-param layers it leaves (:func:`reparameterize_model`; a no-op on stock blocks).
+    This is the one place orepa_mm adapts a method of another library.
+    """
+    original = RepVGGBlock.switch_to_deploy
+    if getattr(original, 'bakes_reparam_layers', False):
+        return
+
+    @functools.wraps(original)
+    def switch_to_deploy(self):
+        original(self)
+        reparameterize_model(self)
+
+    switch_to_deploy.bakes_reparam_layers = True
+    RepVGGBlock.switch_to_deploy = switch_to_deploy
 
 
 class OREPAVGG(RepVGG):
