@@ -8,7 +8,7 @@
 # Without it, start from stock torchvision weights (OREPA layers load plain conv weights
 # exactly) with the one switch
 #   --cfg-options model.backbone.init_cfg.checkpoint=torchvision://resnet50
-# Data: data/coco/ (README section 'Datasets').
+# Data: data/coco/ (docs/configs.md, 'Datasets').
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)

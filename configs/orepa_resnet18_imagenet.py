@@ -1,7 +1,7 @@
 # OREPA-ResNet-18 on ImageNet-1k with mmpretrain, the paper's recipe: 120 epochs, batch 256 in
 # total (8 GPUs x 32), SGD lr 0.1 with cosine decay, weight decay 1e-4 on conv/linear weights
 # only (none on norms and biases). Trained from scratch; standard RandomResizedCrop + flip.
-# Data: data/imagenet/{train,val}/ (README section 'Datasets').
+# Data: data/imagenet/{train,val}/ (docs/configs.md, 'Datasets').
 _base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)

@@ -11,7 +11,7 @@
 # Without it, start from mmseg's stock V1c weights (OREPA layers load plain conv weights
 # exactly, deep stem included) with the one switch
 #   --cfg-options model.backbone.init_cfg.checkpoint=open-mmlab://resnet50_v1c
-# Data: data/cityscapes/ (README section 'Datasets').
+# Data: data/cityscapes/ (docs/configs.md, 'Datasets').
 _base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)

@@ -11,7 +11,7 @@
 # Without it, start from mmseg's stock V1c weights (OREPA layers load plain conv weights
 # exactly, deep stem included) with the one switch
 #   --cfg-options model.backbone.init_cfg.checkpoint=open-mmlab://resnet50_v1c
-# Data: data/ade/ADEChallengeData2016/ (README section 'Datasets').
+# Data: data/ade/ADEChallengeData2016/ (docs/configs.md, 'Datasets').
 _base_ = 'mmseg::upernet/upernet_r50_4xb4-80k_ade20k-512x512.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)

@@ -5,7 +5,7 @@ construction (``FileNotFoundError`` from pycocotools, an empty
 ``CustomDataset``, an mmcv image-loading error after the model was built)
 with a long traceback. The tools call :func:`check_dataset_paths` before
 building the Runner, so a user who has not downloaded the data yet gets one
-line telling them which path is expected and where the README explains it.
+line telling them which path is expected and where the docs explain it.
 
 Paths are resolved the way ``mmengine.dataset.BaseDataset._join_prefix``
 does: relative ``ann_file`` and ``data_prefix`` entries are joined to
@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
 __all__ = ['MissingDatasetError', 'check_dataset_paths', 'iter_dataset_paths']
 
-README_SECTION = 'Datasets'
+DATASETS_DOC = "docs/configs.md (section 'Datasets')"
 SPLITS = ('train', 'val', 'test')
 
 
@@ -32,8 +32,8 @@ class MissingDatasetError(FileNotFoundError):
     def __init__(self, path: str, split: str):
         self.path, self.split = path, split
         super().__init__(
-            f'Dataset not found: expected {path} (for {split}); see README '
-            f"section '{README_SECTION}' to download and place it.")
+            f'Dataset not found: expected {path} (for {split}); see {DATASETS_DOC} '
+            'to download and place it.')
 
 
 def _is_remote(path: str) -> bool:

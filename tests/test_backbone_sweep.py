@@ -7,7 +7,7 @@ the same outputs (compared in float64, so only a structural difference can fail)
 
 Backbones whose convs OREPA does not support are refused at build time with one clear sentence
 (``REFUSED``); a few accept ``conv_cfg`` but never use it and stay plain (``IGNORED``). The
-README section "Use OREPA in your own config" lists all three groups.
+docs/configs.md lists all three groups.
 """
 import functools
 import importlib

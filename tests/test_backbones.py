@@ -397,7 +397,7 @@ def test_dcn_fallback_on_stride_and_avg_down_keep_the_rest_orepa():
 
 
 def test_stock_resnet_with_orepa_conv_cfg_refuses_dcn_loudly():
-    """The libraries' Bottleneck asserts it; OREPAResNet is the way (README)."""
+    """The libraries' Bottleneck asserts it; OREPAResNet is the way (docs/configs.md)."""
     for stock_cls in (mmdet_backbones.ResNet, mmseg_backbones.ResNet):
         with pytest.raises(AssertionError, match='conv_cfg must be None for DCN'):
             stock_cls(**_dcn_kwargs('DCN', conv_cfg=dict(type='OREPA')))

@@ -44,8 +44,8 @@ def test_missing_annotation_gives_one_sentence(coco_root):
         check_dataset_paths(cfg)
     expected = osp.join(str(coco_root), 'annotations/val.json')
     assert str(info.value) == (
-        f'Dataset not found: expected {expected} (for val); see README '
-        "section 'Datasets' to download and place it.")
+        f'Dataset not found: expected {expected} (for val); see docs/configs.md '
+        "(section 'Datasets') to download and place it.")
     assert (info.value.path, info.value.split) == (expected, 'val')
 
 
