@@ -15,6 +15,8 @@
 _base_ = 'mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb2-80k_cityscapes-512x1024.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+# Validation / test of the unconverted model generates each kernel once per epoch.
+custom_hooks = [dict(type='ReparamKernelCacheHook')]
 
 model = dict(
     pretrained=None,  # upstream's open-mmlab://resnet50_v1c, moved into backbone.init_cfg

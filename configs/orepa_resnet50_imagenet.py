@@ -5,6 +5,8 @@
 _base_ = 'mmpretrain::resnet/resnet50_8xb32-coslr_in1k.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+# Validation / test of the unconverted model generates each kernel once per epoch.
+custom_hooks = [dict(type='ReparamKernelCacheHook')]
 
 model = dict(backbone=dict(type='OREPAResNet'))
 

@@ -15,6 +15,8 @@
 _base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb4-80k_ade20k-512x512.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+# Validation / test of the unconverted model generates each kernel once per epoch.
+custom_hooks = [dict(type='ReparamKernelCacheHook')]
 
 model = dict(
     pretrained=None,  # upstream's open-mmlab://resnet50_v1c, moved into backbone.init_cfg

@@ -7,13 +7,14 @@ registries of mmcv/mmengine, mmdet, mmseg and mmpretrain, and makes mmengine's c
 loader accept runner checkpoints under torch >= 2.6 without unpickling arbitrary objects.
 """
 from .checkpoint_loading import register_safe_checkpoint_loader
+from .cnn import cached_kernels
 from .deploy import count_reparameterizable, reparameterize_model
 from .engine import BF16OptimWrapper  # noqa: F401  (registers the CPU --amp wrapper)
 from .registry import register_all_modules
 
 __version__ = '0.1.0'
 __all__ = [
-    'reparameterize_model', 'count_reparameterizable', 'register_all_modules',
+    'reparameterize_model', 'count_reparameterizable', 'cached_kernels', 'register_all_modules',
     'register_safe_checkpoint_loader'
 ]
 

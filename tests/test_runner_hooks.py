@@ -3,8 +3,9 @@
 A real mmengine Runner trains a small OREPA model for a few iterations with mmdet's
 ``MeanTeacherHook`` (momentum update of an eval-mode teacher, ``dst.data.mul_().add_()``) and
 mmengine's ``EMAHook`` (which swaps the averaged parameters into the model around validation,
-again through ``.data``). After every update a probe hook compares the unconverted model's
-outputs with a freshly re-parameterized copy of it: equal means no kernel was stale.
+again through ``.data``), with orepa_mm's ``ReparamKernelCacheHook`` caching kernels during
+validation. After every update a probe hook compares the unconverted model's outputs with a
+freshly re-parameterized copy of it: equal means no kernel was stale.
 """
 import copy
 
@@ -99,12 +100,19 @@ class ProbeHook(Hook):
         model.student.train()
 
     def before_val_epoch(self, runner):
-        # EMAHook has swapped the averaged parameters into the model (through .data).
+        # EMAHook has swapped the averaged parameters into the model (through .data), and
+        # ReparamKernelCacheHook has opened the kernel cache.
+        assert runner.model.student[0].kernel_source is not None
         _assert_matches_deployed(runner.model.student, 'EMA student in validation')
         self.checks.append('ema')
 
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        _assert_matches_deployed(runner.model.student, 'EMA student, cached kernels')
+        self.checks.append('cached')
+
     def after_val_epoch(self, runner, metrics=None):
         # ... and swapped the trained ones back.
+        assert runner.model.student[0].kernel_source is None  # the cache is closed
         _assert_matches_deployed(runner.model.student, 'student after validation')
         self.checks.append('swapped back')
 
@@ -126,7 +134,8 @@ def test_mean_teacher_and_ema_hooks_never_leave_a_stale_kernel(tmp_path):
         val_cfg=dict(),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.5, momentum=0.9)),
         custom_hooks=[dict(type='MeanTeacherHook', momentum=0.5),
-                      dict(type='EMAHook', momentum=0.5), probe],
+                      dict(type='EMAHook', momentum=0.5),
+                      dict(type='ReparamKernelCacheHook'), probe],
         default_hooks=dict(checkpoint=None, logger=None),
         default_scope='mmdet',
     )
@@ -136,5 +145,6 @@ def test_mean_teacher_and_ema_hooks_never_leave_a_stale_kernel(tmp_path):
     # on the EMA weights and after the swap back.
     assert probe.checks.count('teacher') == 4
     assert probe.checks.count('ema') == probe.checks.count('swapped back') == 2
+    assert probe.checks.count('cached') == 4
     with torch.no_grad():  # the teacher did move (the checks compared changing models)
         assert rel_err(runner.model.teacher(PROBE), teacher_before.eval()(PROBE)) > 1e-3

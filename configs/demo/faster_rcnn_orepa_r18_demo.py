@@ -7,6 +7,8 @@
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+# Validation / test of the unconverted model generates each kernel once per epoch.
+custom_hooks = [dict(type='ReparamKernelCacheHook')]
 
 data_root = 'data/demo/'
 metainfo = dict(

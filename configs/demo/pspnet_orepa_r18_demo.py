@@ -7,6 +7,8 @@
 _base_ = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 
 custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)
+# Validation / test of the unconverted model generates each kernel once per epoch.
+custom_hooks = [dict(type='ReparamKernelCacheHook')]
 
 data_root = 'data/demo/'
 metainfo = dict(

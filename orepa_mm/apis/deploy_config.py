@@ -11,7 +11,8 @@ say so, otherwise inference, the libraries' own ``tools/test.py`` and mmdeploy w
   ``mmpretrain.RepVGG`` and ``mmpretrain.models`` is added to ``custom_imports``;
 * every ``conv_cfg`` naming an orepa_mm conv type (``OREPA``, ``OREPAVGGConv``, ``DBB``, ...)
   becomes ``None`` (a stock conv), wherever it sits (backbone, neck, heads);
-* ``orepa_mm`` leaves ``custom_imports``;
+* ``orepa_mm`` leaves ``custom_imports``, and orepa_mm's hooks (``ReparamKernelCacheHook``)
+  leave ``custom_hooks``;
 * ``Pretrained`` init_cfg entries, ``pretrained='...'`` paths and ``load_from`` are dropped:
   the weights are in ``deploy.pth`` and nothing should overwrite or download them.
 """
@@ -33,6 +34,8 @@ STOCK_RESNETS = {
 STOCK_REPVGG_SCOPE, STOCK_REPVGG = 'mmpretrain', 'RepVGG'
 #: conv_cfg types that build orepa_mm layers (all bake into stock convs).
 REPARAM_CONV_TYPES = frozenset(CONV_TYPES)
+#: orepa_mm's hooks: they have nothing to do in a deployed model.
+OREPA_HOOKS = frozenset({'ReparamKernelCacheHook'})
 #: What custom_imports needs to know ``mmpretrain.RepVGG`` from another library's scope.
 MMPRETRAIN_IMPORT = 'mmpretrain.models'
 
@@ -129,6 +132,18 @@ def _rewrite_custom_imports(cfg: Config, needs_mmpretrain: bool) -> None:
         cfg._cfg_dict.pop('custom_imports')
 
 
+def _drop_orepa_hooks(cfg: Config) -> None:
+    hooks = cfg.get('custom_hooks')
+    if not hooks:
+        return
+    kept = [hook for hook in hooks if not (isinstance(hook, dict) and isinstance(
+        hook.get('type'), str) and _split_type(hook['type'])[1] in OREPA_HOOKS)]
+    if kept:
+        cfg.custom_hooks = kept
+    else:
+        cfg._cfg_dict.pop('custom_hooks')
+
+
 def deploy_config(cfg: Union[Config, str, Path]) -> Config:
     """The config of the re-parameterized model: stock modules only, no orepa_mm import.
 
@@ -144,6 +159,7 @@ def deploy_config(cfg: Union[Config, str, Path]) -> Config:
     rewriter = _Rewriter(cfg.get('default_scope'))
     cfg.model = rewriter.visit(cfg.model, cfg.get('default_scope'))
     _rewrite_custom_imports(cfg, rewriter.needs_mmpretrain)
+    _drop_orepa_hooks(cfg)
     if cfg.get('load_from') is not None:
         cfg.load_from = None
     return cfg
