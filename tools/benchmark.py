@@ -131,7 +131,8 @@ def run_train_worker(args) -> dict:
 
 
 def run_eval_worker(args) -> dict:
-    """Eval forward of one variant, unconverted (cached kernels) and deployed, against plain.
+    """Eval forward of one variant, unconverted (cached kernels as in validation, and
+    regenerated every forward) and deployed, against plain.
 
     Its own fresh process, never after training, and the stock plain model (as trained and
     deployed: they differ for RepVGG) is built in the same process and timed alternately
@@ -139,6 +140,7 @@ def run_eval_worker(args) -> dict:
     between processes (allocator and page-fault state), so eval ratios are only meaningful
     within one process.
     """
+    from orepa_mm import cached_kernels
     from orepa_mm.deploy import reparameterize_model
     device = torch.device(args.device)
     model, x, _ = _inputs(args, device)
@@ -149,9 +151,11 @@ def run_eval_worker(args) -> dict:
             reparameterize_model(net)
             if hasattr(net.backbone, 'switch_to_deploy'):  # the stock RepVGG's own fusion
                 net.backbone.switch_to_deploy()
+    regenerated = copy.deepcopy(model)
     nets = {'eval_plain_s': plain, 'eval_unconverted_s': model,
+            'eval_regenerated_s': regenerated,
             'eval_plain_deployed_s': plain_deployed, 'eval_deployed_s': deployed}
-    with torch.no_grad():
+    with torch.no_grad(), cached_kernels(model):  # what ReparamKernelCacheHook does
         for net in nets.values():
             net.eval()
         samples = {key: [] for key in nets}
@@ -173,9 +177,10 @@ def environment(device: str) -> dict:
 
 def _eval_columns(r) -> str:
     if 'eval_unconverted_s' not in r:
-        return f'{"-":>9}{"-":>7}{"-":>9}{"-":>7}'
+        return f'{"-":>9}{"-":>7}{"-":>9}{"-":>9}{"-":>7}'
     return (f"{r['eval_unconverted_s']:>9.3f}"
             f"{r['eval_unconverted_s'] / r['eval_plain_s']:>6.2f}x"
+            f"{r['eval_regenerated_s'] / r['eval_plain_s']:>8.2f}x"
             f"{r['eval_deployed_s']:>9.3f}"
             f"{r['eval_deployed_s'] / r['eval_plain_deployed_s']:>6.2f}x")
 
@@ -183,7 +188,8 @@ def _eval_columns(r) -> str:
 def print_table(results, env):
     print(f"\n{env}")
     header = (f'{"workload":<9}{"model":<10}{"mode":<9}{"variant":<8}{"train s":>9}{"x":>7}{"mem MB":>9}'
-              f'{"x":>7}{"eval s":>9}{"x":>7}{"deploy s":>9}{"x":>7}{"params M":>10}')
+              f'{"x":>7}{"eval s":>9}{"x":>7}{"regen x":>9}{"deploy s":>9}{"x":>7}'
+              f'{"params M":>10}')
     print(header)
     print('-' * len(header))
     for r in results:
@@ -196,7 +202,8 @@ def print_table(results, env):
               f"{_eval_columns(r)}{r['params'] / 1e6:>10.1f}")
     print('train and memory x: ratio to the plain model of this run (same mode); eval (deploy) '
           'x: ratio to the plain model as trained (deployed), timed alternately in the same '
-          'process.')
+          'process; eval: kernels generated once (validation, ReparamKernelCacheHook); regen: '
+          'kernels generated every forward.')
     eager = {(r['workload'], r['model'], r['variant']): r for r in results
              if r['mode'] == 'eager'}
     for r in results:
