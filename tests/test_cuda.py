@@ -4,7 +4,10 @@
   within TF32 rounding with it on;
 * torch.compile (inductor) of an OREPA backbone's training step gives eager's gradients;
 * one-GPU DDP (NCCL) gives the gradients of the unwrapped model;
-* kernel reuse in eval mode sees ``.data`` writes on the GPU too.
+* eval mode sees ``.data`` writes on the GPU too;
+* a training step (frozen stages, norm_eval) and an eval forward, cached kernels included,
+  make no host-device synchronisation: ``torch.cuda.set_sync_debug_mode('error')`` raises at
+  the first one (the stock ResNet is the control).
 """
 import copy
 import os
@@ -83,7 +86,7 @@ def test_cuda_single_gpu_ddp_matches_unwrapped(reference):
         dist.destroy_process_group()
 
 
-def test_cuda_eval_reuse_sees_data_writes():
+def test_cuda_eval_sees_data_writes():
     model = _backbone().cuda().eval()
     x = torch.randn(1, 3, 64, 64, device='cuda')
     with torch.no_grad():
@@ -94,3 +97,34 @@ def test_cuda_eval_reuse_sees_data_writes():
         fresh = copy.deepcopy(model)
         assert not torch.allclose(after, before)
         assert torch.equal(after, fresh(x)[-1])
+
+
+@pytest.mark.parametrize('variant', ['stock', 'orepa'])
+def test_cuda_training_step_and_eval_make_no_sync(variant):
+    from mmdet.models.backbones import ResNet
+    from orepa_mm import cached_kernels
+    from orepa_mm.models.backbones.for_mmdet import OREPAResNet
+    torch.manual_seed(0)
+    cls = OREPAResNet if variant == 'orepa' else ResNet
+    model = cls(depth=50, frozen_stages=1, norm_eval=True).cuda()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                momentum=0.9)
+    x = torch.randn(2, 3, 128, 128, device='cuda')
+    model.train()
+    sum(o.square().mean() for o in model(x)).backward()  # warm-up: lazy CUDA init may sync
+    optimizer.step()
+    optimizer.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        sum(o.square().mean() for o in model(x)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+            with cached_kernels(model):
+                model(x)
+                model(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

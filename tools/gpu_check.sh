@@ -6,7 +6,8 @@
 #                                         # suite runs this, so no step of it is untested)
 #
 # 1. the CUDA tests: fp32 (TF32 off and on), fp16/bf16 autocast, torch.compile, 1-GPU DDP,
-#    kernel reuse (tests/test_cuda.py and the CUDA variants of the layer tests);
+#    no host-device sync in a training step or eval forward (sync debug mode "error"),
+#    eval sees .data writes (tests/test_cuda.py and the CUDA variants of the layer tests);
 # 2. tools/reparameterize.py --device cuda on a demo-sized Faster R-CNN with random weights
 #    (float64 verification on the GPU, fp32/TF32 agreement reported beside it);
 # 3. tools/benchmark.py --device cuda: ResNet-50 classification (batch 64, 224) and detection
