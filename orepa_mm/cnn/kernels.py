@@ -112,6 +112,7 @@ def fold_batch_norm(kernel: Tensor, bias, running_mean: Tensor, running_var: Ten
 def average_kernel(channels: int, kernel_size: int, groups: int = 1) -> Tensor:
     """The k x k average pooling of a (channels)-channel map written as a grouped conv kernel."""
     per_group = channels // groups
-    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size)
+    # float64, so that a float64 deploy bake is exact (callers cast it to their kernel's dtype).
+    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=torch.float64)
     kernel[torch.arange(channels), torch.arange(channels) % per_group] = 1.0 / kernel_size**2
     return kernel
