@@ -134,6 +134,25 @@ def test_syncbn_two_processes_sync_statistics_and_reparameterize_on_cpu(tmp_path
     assert result.errors and all(e.passes(result.rtol) for e in result.errors)
 
 
+def test_syncbn_with_amp_two_processes_trains_and_keeps_float32_statistics(tmp_path, tiny_data):
+    """--amp with SyncBN on CPUs (bf16 activations into CPUSyncBatchNorm): trains, finite
+    losses, ranks agree, the backbone's BN statistics stay float32."""
+    config = write_config(tmp_path, tiny_data,
+                          extra="norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
+                                "model = dict(backbone=dict(norm_cfg=norm_cfg))")
+    result = train(config, tmp_path / 'work', '--amp', nproc=2)
+    assert 'BF16OptimWrapper' in result.stdout + result.stderr
+    values = losses(tmp_path / 'work')
+    assert values and all(v == v and abs(v) < 1e4 for v in values.values())
+    r0, r1 = rank_states(tmp_path, 2)
+    assert 'CPUSyncBatchNorm' in r0['norms']
+    stats = {n: b for n, b in r0['buffers'].items()
+             if n.startswith('backbone.') and n.endswith(('running_mean', 'running_var'))}
+    assert stats and all(b.dtype == torch.float32 for b in stats.values())
+    for name, value in stats.items():
+        assert torch.allclose(value, r1['buffers'][name], rtol=1e-5, atol=1e-6), name
+
+
 def test_amp_bf16_on_cpu_trains_without_nan(tmp_path, tiny_data):
     config = write_config(tmp_path, tiny_data)
     result = train(config, tmp_path / 'work', '--amp')
@@ -205,6 +224,61 @@ def test_cpu_syncbn_equals_batchnorm_on_the_whole_batch(tmp_path):
     for p in parts:
         assert torch.allclose(p['mean'], bn.running_mean, atol=1e-6)
         assert torch.allclose(p['var'], bn.running_var, atol=1e-5)
+
+
+def _syncbn_bf16_worker(rank, world, init_file, x, result_file):
+    import torch.distributed as dist
+    from orepa_mm.engine import CPUSyncBatchNorm
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                            world_size=world)
+    bn = torch.nn.SyncBatchNorm(3, momentum=0.3)
+    bn.__class__ = CPUSyncBatchNorm
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    # What a conv under CPU bf16 autocast hands the BN (--amp): a bf16 activation.
+    part = x.chunk(world)[rank].to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
+        out = bn(part)
+    (out.float() * torch.arange(out.numel()).view_as(out)).sum().backward()
+    torch.save(dict(out=out.detach(), grad=part.grad, weight_grad=bn.weight.grad,
+                    bias_grad=bn.bias.grad, mean=bn.running_mean, var=bn.running_var),
+               f'{result_file}{rank}')
+    dist.destroy_process_group()
+
+
+def test_cpu_syncbn_under_bf16_autocast_equals_batchnorm_on_the_whole_batch(tmp_path):
+    """--amp with SyncBN on CPUs: bf16 activations in, statistics in float32 (as CUDA SyncBN),
+    bf16 out; two ranks with half the batch each == one float32 BatchNorm on the whole
+    (bf16-rounded) batch, within bf16 rounding; the running statistics stay float32 and equal
+    the float32 ones. A large mean (+40) makes bf16 sums visibly wrong."""
+    x = torch.randn(4, 3, 6, 6) * 2 + 40
+    mp.spawn(_syncbn_bf16_worker, args=(2, str(tmp_path / 'init'), x, str(tmp_path / 'r')),
+             nprocs=2)
+    parts = [torch.load(tmp_path / f'r{r}', weights_only=True) for r in range(2)]
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    whole = x.to(torch.bfloat16).float().requires_grad_(True)  # the ranks' exact inputs
+    out = bn(whole)
+    weights = torch.cat([torch.arange(out.numel() // 2).view(2, 3, 6, 6)] * 2)
+    (out * weights).sum().backward()
+
+    got = torch.cat([p['out'] for p in parts])
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - out).abs().max() <= 2 ** -7 * out.abs().max()  # bf16 rounding
+    grad = torch.cat([p['grad'] for p in parts])
+    assert grad.dtype == torch.bfloat16
+    assert (grad.float() - whole.grad).abs().max() <= 2 ** -6 * whole.grad.abs().max()
+    for key, ref in (('weight_grad', bn.weight.grad), ('bias_grad', bn.bias.grad)):
+        total = parts[0][key] + parts[1][key]
+        assert total.dtype == torch.float32
+        assert torch.allclose(total, ref, rtol=1e-3, atol=1e-3 * ref.abs().max()), key
+    for p in parts:
+        assert p['mean'].dtype == p['var'].dtype == torch.float32
+        assert torch.allclose(p['mean'], bn.running_mean, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(p['var'], bn.running_var, rtol=1e-3, atol=1e-5)
 
 
 def test_amp_bf16_wrapper_autocasts_the_feature_extractor_only():

@@ -17,6 +17,11 @@ from mmengine.registry import MODEL_WRAPPERS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 activations (as CUDA SyncBN computes them), else ``x``'s own."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class CPUSyncBatchNorm(_BatchNorm):
     """A SyncBatchNorm that synchronises CPU tensors (gloo all-reduce).
 
@@ -25,6 +30,12 @@ class CPUSyncBatchNorm(_BatchNorm):
     global ones: per-channel sums of x and x^2 and the element count are all-reduced
     (differentiably, so the gradient is the synchronised one too), then the running statistics
     are updated as ``nn.SyncBatchNorm`` does. Eval mode and single processes use plain BN.
+
+    Mixed precision (``--amp``: bf16 activations under CPU autocast) is handled as CUDA's
+    SyncBN handles half inputs: the statistics (sums, mean, variance, the all-reduce) are
+    float32 (float64 stays float64), since bf16 keeps 8 bits and a sum over a batch of maps
+    would lose the mean; the running statistics stay in their own dtype; the output has the
+    input's dtype.
     """
 
     process_group = None
@@ -37,28 +48,41 @@ class CPUSyncBatchNorm(_BatchNorm):
         if not self.training or not dist.is_initialized() or \
                 dist.get_world_size(self.process_group or dist.group.WORLD) == 1:
             return super().forward(x)
+        xs = x.to(_statistics_dtype(x))
+        mean, var, total = self._global_statistics(xs)
+        if self.track_running_stats:
+            self._update_running_statistics(mean.detach(), var.detach(), total)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight.to(xs.dtype)
+        out = (xs - mean.view(shape)) * scale.view(shape)
+        if self.affine:
+            out = out + self.bias.to(xs.dtype).view(shape)
+        return out.to(x.dtype)  # one rounding to the input's dtype, at the end
+
+    def _global_statistics(self, x: torch.Tensor):
+        """Per-channel mean and (biased) variance over all processes' batches, and the global
+        element count per channel, all in ``x``'s dtype (float32 or float64)."""
         from torch.distributed.nn.functional import all_reduce
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+        c = x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dims), x.square().sum(dims), count])
         stats = all_reduce(stats, group=self.process_group or dist.group.WORLD)
-        c = x.shape[1]
         total = stats[-1]
         mean = stats[:c] / total
-        var = stats[c:2 * c] / total - mean.square()
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = (1.0 / float(self.num_batches_tracked)
-                            if self.momentum is None else self.momentum)
-                unbiased = var * (total / (total - 1).clamp_min(1))
-                self.running_mean.lerp_(mean, momentum)
-                self.running_var.lerp_(unbiased, momentum)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        var = (stats[c:2 * c] / total - mean.square()).clamp_min(0)
+        return mean, var, total
+
+    @torch.no_grad()
+    def _update_running_statistics(self, mean, var, total) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None else self.momentum)
+        unbiased = var * (total / (total - 1).clamp_min(1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 @MODEL_WRAPPERS.register_module(force=True)
