@@ -15,6 +15,7 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
 
 import orepa_mm  # noqa: F401
+from orepa_mm.apis import deploy_config
 from orepa_mm.cnn import ReparamConv2d
 from orepa_mm.data_check import MissingDatasetError, check_dataset_paths, iter_dataset_paths
 
@@ -26,6 +27,7 @@ OFFICIAL_R50 = 'checkpoints/orepa_resnet50_official.pth'
 DETECTION = {
     'faster_rcnn_orepa_r50': 'data/coco/',
     'faster_rcnn_orepa_r50_dcn': 'data/coco/',
+    'faster_rcnn_orepa_r50_fpn_orepa': 'data/coco/',
     'retinanet_orepa_r50': 'data/coco/',
     'mask_rcnn_orepa_r50': 'data/coco/',
 }
@@ -48,6 +50,8 @@ SCOPES = {**{k: 'mmdet' for k in DETECTION}, **{k: 'mmseg' for k in SEGMENTATION
           **{k: 'mmpretrain' for k in CLASSIFICATION},
           'demo/faster_rcnn_orepa_r18_demo': 'mmdet', 'demo/pspnet_orepa_r18_demo': 'mmseg'}
 DATA_ROOTS = {**DETECTION, **SEGMENTATION, **CLASSIFICATION, **DEMO}
+#: Shipped configs that inherit another shipped config (which inherits the stock one).
+DERIVED = {'faster_rcnn_orepa_r50_fpn_orepa': 'faster_rcnn_orepa_r50'}
 ALL = sorted(SCOPES)
 DOWNSTREAM = sorted({**DETECTION, **SEGMENTATION})
 
@@ -75,7 +79,12 @@ def test_config_resolves_its_base_and_imports_orepa_mm(name):
     cfg = load(name)
     assert cfg.default_scope == SCOPES[name]
     assert cfg.custom_imports == dict(imports=['orepa_mm'], allow_failed_imports=False)
+    assert cfg.custom_hooks == [dict(type='ReparamKernelCacheHook')]
+    assert 'custom_hooks' not in deploy_config(cfg)  # the deployed config needs no orepa_mm
     text = open(config_path(name)).read()
+    if name in DERIVED:
+        assert f"_base_ = './{DERIVED[name]}.py'" in text
+        text = open(config_path(DERIVED[name])).read()
     assert f"_base_ = '{SCOPES[name]}::" in text  # inherits the stock OpenMMLab config
     # what the base provides is there: a full model, data and schedule
     for key in ('model', 'train_dataloader', 'val_dataloader', 'test_dataloader',
@@ -269,7 +278,7 @@ def test_data_check_reads_the_config_paths(name, tmp_path, monkeypatch):
         check_dataset_paths(cfg, ('train', 'val'))
     message = str(err.value)
     assert osp.join(str(tmp_path), DATA_ROOTS[name].rstrip('/')) in message
-    assert "README section 'Datasets'" in message and message.count('.') >= 1
+    assert "docs/configs.md (section 'Datasets')" in message and message.count('.') >= 1
 
 
 def test_detection_evaluators_read_the_annotation_files_the_loaders_use():
@@ -318,3 +327,73 @@ def test_dcn_config_deploys_to_upstreams_stock_dcn_model():
     with torch.no_grad():
         for a, b in zip(model(x), stock(x)):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+# -- OREPA in the neck (beyond the paper) ------------------------------------------------------
+FPN_OREPA = 'faster_rcnn_orepa_r50_fpn_orepa'
+
+
+def tiny_faster_rcnn(model_cfg):
+    """The Faster R-CNN R50-FPN structure at 1/8 of the width (builds and runs in a second)."""
+    model_cfg = deepcopy(model_cfg)
+    model_cfg.backbone.update(stem_channels=8, base_channels=8, init_cfg=None)
+    model_cfg.neck.update(in_channels=[32, 64, 128, 256], out_channels=16)
+    model_cfg.rpn_head.update(in_channels=16, feat_channels=16)
+    model_cfg.roi_head.bbox_roi_extractor.out_channels = 16
+    model_cfg.roi_head.bbox_head.update(in_channels=16, fc_out_channels=32)
+    return model_cfg
+
+
+def test_fpn_orepa_config_is_the_plain_config_with_an_orepa_neck():
+    cfg, plain = load(FPN_OREPA), load('faster_rcnn_orepa_r50')
+    assert cfg.model.neck.conv_cfg == dict(type='OREPA')
+    ours = deepcopy(cfg.model)
+    ours.neck.pop('conv_cfg')
+    assert ours == plain.model
+    assert cfg.optim_wrapper == plain.optim_wrapper and cfg.train_cfg == plain.train_cfg
+    assert 'BEYOND THE PAPER' in open(config_path(FPN_OREPA)).read()
+
+
+def test_fpn_orepa_config_deploys_to_mmdets_stock_faster_rcnn():
+    """Build (1/8 width), one training step, deploy: the deployed config is mmdet's stock
+    Faster R-CNN R50-FPN, the baked model loads into it strictly and computes the same
+    features and RPN outputs (float64, every FPN level)."""
+    from mmengine.hub import get_config
+
+    from orepa_mm.apis import deploy_config
+    from orepa_mm.deploy import reparameterize_model
+    cfg = load(FPN_OREPA)
+    deployed = deploy_config(cfg)
+    upstream = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py').model
+    for model_cfg in (deployed.model, upstream):
+        model_cfg.backbone.pop('init_cfg', None), model_cfg.pop('_scope_', None)
+        model_cfg.neck.pop('conv_cfg', None)  # None (deployed) or absent (upstream)
+    assert deployed.model == upstream
+
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = revert_sync_batchnorm(MODELS.build(tiny_faster_rcnn(cfg.model)))
+        stock = MODELS.build(tiny_faster_rcnn(deploy_config(cfg).model))
+    neck_layers = [n for n, m in model.neck.named_modules() if isinstance(m, ReparamConv2d)]
+    assert len(neck_layers) == 8  # 4 lateral 1x1 + 4 output 3x3
+    assert type(model.rpn_head.rpn_conv) is nn.Conv2d  # RPNHead takes no conv_cfg
+
+    model.train()
+    data = model.data_preprocessor(tiny_batch(cfg, 'mmdet', 64), True)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02).step()
+    model.eval()  # mmdet's ResNet.train() returns None: never chain it
+
+    baked = reparameterize_model(deepcopy(model).double())
+    stock.double().load_state_dict(baked.state_dict(), strict=True)
+    stock.eval()
+    model.double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.extract_feat(x), stock.extract_feat(x)
+        ours_rpn, theirs_rpn = model.rpn_head(ours), stock.rpn_head(theirs)
+    pairs = list(zip(ours, theirs)) + [
+        (a, b) for levels in zip(ours_rpn, theirs_rpn) for a, b in zip(*levels)]
+    assert len(pairs) == 5 + 2 * 5
+    for a, b in pairs:
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-9
