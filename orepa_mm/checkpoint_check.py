@@ -20,6 +20,8 @@ import os
 import os.path as osp
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Tuple
 
+from .tool_io import OrepaInputError
+
 __all__ = [
     'CheckpointKind', 'MissingCheckpointError', 'check_checkpoint_paths', 'describe_checkpoint',
     'iter_pretrained_checkpoints'
@@ -36,7 +38,7 @@ _OREPA_PARAMS = ('branch_scales', 'origin', 'origin_scale',
                  'expand_1x1_residual')
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(OrepaInputError, FileNotFoundError):
     """A checkpoint the run will load is not a file.
 
     ``str(err)`` is the single sentence the tools print; ``path`` and ``key``

@@ -25,13 +25,20 @@ that one ``torch.load`` call, exactly the globals runner checkpoints contain:
 Anything else (for example an object whose ``__reduce__`` calls
 ``os.system``) is refused before it is called, with an
 :class:`UnsafeCheckpointError` naming the file and the offending global.
+
+:func:`read_checkpoint` is what the tools read a checkpoint argument with: the
+same loader, and one sentence for every way the file can be unusable (missing,
+empty, truncated, not a PyTorch file, not a dict, refused for safety).
 """
 import contextlib
 import os.path as osp
 import pickle
+import pickletools
 import re
+import warnings
 from importlib import import_module
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Tuple, Union
+from typing import (Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple,
+                    Union)
 
 import numpy as np
 import torch
@@ -39,9 +46,11 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.optim.scheduler.param_scheduler import OneCycleParamScheduler
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from .tool_io import OrepaInputError, check_readable_file, first_line
+
 __all__ = [
-    'UnsafeCheckpointError', 'load_from_local', 'register_safe_checkpoint_loader',
-    'runner_checkpoint_safe_globals'
+    'CorruptCheckpointError', 'UnsafeCheckpointError', 'checkpoint_weights', 'load_from_local',
+    'read_checkpoint', 'register_safe_checkpoint_loader', 'runner_checkpoint_safe_globals'
 ]
 
 SafeGlobal = Union[Callable, Tuple[Callable, str]]
@@ -59,13 +68,19 @@ _ALLOWED_CONTENT = ('tensors, containers, numpy arrays and mmengine '
                     'HistoryBuffer logs')
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(OrepaInputError, pickle.UnpicklingError):
     """A checkpoint pickles something a runner checkpoint never contains.
 
     Subclasses :class:`pickle.UnpicklingError` so callers that already handle
     torch's weights-only failures keep working; ``str(err)`` is one sentence
-    naming the file and the refused object.
+    naming the file and the refused object, and saying it was refused for
+    safety (not that the file is corrupt).
     """
+
+
+class CorruptCheckpointError(OrepaInputError, pickle.UnpicklingError):
+    """The file is not a (complete) PyTorch checkpoint: truncated, empty,
+    another format, or not a dict of weights. One sentence, with the fix."""
 
 
 class _RefusedGetattr(Exception):
@@ -179,6 +194,16 @@ _TORCH_REFUSALS = (
 )
 
 
+# torch's wording when the bytes are not a torch.save stream it can parse at
+# all (a PNG, a plain pickle, a truncated or foreign file): it refused no
+# object, so the file is not called unsafe unless it names one (_raw_globals).
+_NOT_A_PICKLE = (r'Unsupported operand', r'invalid load key', r'magic number',
+                 r'pickle data was truncated', r'Ran out of input',
+                 r'unpickling stack underflow', r'could not find MARK', r'EOF')
+_STRING_OPS = ('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE',
+               'SHORT_BINSTRING', 'BINSTRING', 'STRING')
+
+
 def _describe_refusal(message: str) -> str:
     """Reduce torch's multi-paragraph weights-only error to its subject."""
     for pattern, template in _TORCH_REFUSALS:
@@ -192,7 +217,55 @@ def _refusal(filename: str, what: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f'Refusing to load checkpoint {filename}: it pickles {what}, which an '
         f'mmengine runner checkpoint never contains (only {_ALLOWED_CONTENT} '
-        'are allowed).')
+        'are allowed), so it is refused for safety (loading it could run '
+        'code); use a checkpoint from a source you trust.')
+
+
+def _corrupt(filename: str, detail: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f'cannot read checkpoint {filename}: it is truncated or not a PyTorch '
+        f'checkpoint ({detail}); pass a complete .pth file (re-download or '
+        're-save it).')
+
+
+def _torch_detail(err: BaseException) -> str:
+    """What went wrong in torch's words: its first clause, not its five sentences."""
+    text = str(err)
+    inner = re.search(r'(?:Unpickler error|error was):\s*(\S.*)', text)
+    line = first_line(inner.group(1)) if inner else first_line(err)
+    return f'{type(err).__name__}: {line.split(". ")[0][:120]}'
+
+
+def _raw_globals(filename: str) -> Optional[List[str]]:
+    """The globals a plain (non-torch) pickle file imports, read from its opcodes without
+    unpickling anything; None when the file is not a complete pickle stream."""
+    found: List[str] = []
+    strings: List[str] = []
+    try:
+        with open(filename, 'rb') as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in _STRING_OPS:
+                    strings = (strings + [str(arg)])[-2:]
+                elif op.name == 'GLOBAL':
+                    found.append(str(arg).replace(' ', '.'))
+                elif op.name == 'STACK_GLOBAL':
+                    found.append('.'.join(strings))
+    except Exception:  # noqa: BLE001 - not a pickle: a PNG, a truncated file, ...
+        return None
+    return found
+
+
+def _unreadable(filename: str, err: BaseException) -> pickle.UnpicklingError:
+    """A file torch's weights-only unpickler could not parse: a plain pickle that imports
+    code (unsafe), a plain pickle of data (not a torch checkpoint) or foreign bytes."""
+    imports = _raw_globals(filename)
+    if imports:
+        return _refusal(filename, f'the global {imports[0]}')
+    if imports is not None:
+        return CorruptCheckpointError(
+            f'cannot read checkpoint {filename}: it is a plain pickle, not a PyTorch '
+            'checkpoint; save the weights with torch.save(dict(state_dict=...), path).')
+    return _corrupt(filename, _torch_detail(err))
 
 
 def load_from_local(filename: str, map_location: Any = None) -> Dict:
@@ -212,13 +285,51 @@ def load_from_local(filename: str, map_location: Any = None) -> Dict:
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     try:
-        with _runner_checkpoint_globals():
+        with _runner_checkpoint_globals(), warnings.catch_warnings():
+            # "Detected pickle protocol 4": torch's note on a plain pickle, not the user's.
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
             return torch.load(
                 filename, map_location=map_location, weights_only=True)
     except _RefusedGetattr as err:
         raise _refusal(filename, str(err)) from None
     except pickle.UnpicklingError as err:
-        raise _refusal(filename, _describe_refusal(str(err))) from None
+        what = _describe_refusal(str(err))
+        if what == 'pickled data' and re.search('|'.join(_NOT_A_PICKLE), str(err)):
+            raise _unreadable(filename, err) from None
+        raise _refusal(filename, what) from None
+
+
+def read_checkpoint(path: str, what: str = 'checkpoint',
+                    fix: str = 'pass a checkpoint written by tools/train.py') -> Dict:
+    """The checkpoint a tool was given, or an :class:`~orepa_mm.tool_io.OrepaInputError`
+    sentence: missing / a directory / unreadable, empty, truncated or not a PyTorch file,
+    refused for safety (:class:`UnsafeCheckpointError`), or not a dict."""
+    full = check_readable_file(path, what, fix)
+    if osp.getsize(full) == 0:
+        raise CorruptCheckpointError(f'cannot read {what} {path}: it is empty (0 bytes); {fix}.')
+    try:
+        checkpoint = load_from_local(full, map_location='cpu')
+    except (UnsafeCheckpointError, CorruptCheckpointError):
+        raise
+    except Exception as err:  # noqa: BLE001 - zip errors, EOF, foreign formats
+        raise _corrupt(path, _torch_detail(err)) from None
+    if not isinstance(checkpoint, Mapping):
+        raise CorruptCheckpointError(
+            f'{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict '
+            f'with a state_dict); {fix}.')
+    return checkpoint
+
+
+def checkpoint_weights(checkpoint: Mapping, path: str, what: str = 'checkpoint',
+                       fix: str = 'pass a checkpoint written by tools/train.py') -> Mapping:
+    """``checkpoint['state_dict']`` (or the checkpoint itself when it is a bare state
+    dict): a non-empty mapping of tensors, else one sentence."""
+    state = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptCheckpointError(
+            f'{what} {path} holds no model weights (no state_dict of tensors); {fix}.')
+    return state
 
 
 def register_safe_checkpoint_loader() -> None:

@@ -11,52 +11,61 @@ Every function here takes and returns plain values (``argparse.Namespace``,
 ``mmengine.Config``) so tests can call them without spawning a process.
 """
 import argparse
-import contextlib
 import logging
 import os
 import os.path as osp
-import sys
+import shutil
 from copy import deepcopy
 from importlib import import_module
-from typing import Iterator, Optional, Sequence
+from numbers import Number
+from typing import Mapping, Optional, Sequence
 
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
-from .checkpoint_check import MissingCheckpointError
-from .checkpoint_loading import UnsafeCheckpointError
+from .checkpoint_check import check_checkpoint_paths, iter_pretrained_checkpoints
+from .checkpoint_loading import checkpoint_weights, read_checkpoint
 from .data_check import MissingDatasetError
+from .tool_io import (EXIT_BAD_INPUT, OrepaInputError, OutputSet, check_readable_file,
+                      first_line)
 
 __all__ = [
-    'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args',
-    'add_dump_results', 'build_runner', 'config_scope', 'exit_on_user_error',
-    'load_config', 'parse_test_args', 'parse_train_args', 'train_splits'
+    'REFUSALS', 'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args',
+    'add_dump_results', 'build_runner', 'check_checkpoint_fits', 'check_checkpoints',
+    'check_work_dir', 'config_scope', 'load_config', 'parse_test_args', 'parse_train_args',
+    'check_test_outputs', 'train_splits'
 ]
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
-# Exit status for errors the user can fix without reading a traceback
-# (argparse uses the same one for bad command lines).
-USER_ERROR_EXIT = 2
+# Exit status for errors the user can fix (orepa_mm.tool_io.EXIT_BAD_INPUT: argparse's).
+USER_ERROR_EXIT = EXIT_BAD_INPUT
+#: Refusals raised by modules outside this package's error hierarchy (for ``run_tool``).
+REFUSALS = (MissingDatasetError, )
+TRAIN_FIX = 'pass a checkpoint written by tools/train.py'
 
 
-class ToolError(Exception):
+class ToolError(OrepaInputError):
     """A one-sentence problem with the command line or config."""
 
 
-@contextlib.contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """Turn user-fixable errors into their one sentence on stderr and exit 2.
+class CfgOptionsAction(DictAction):
+    """mmengine's ``DictAction``, with a malformed ``KEY=VALUE`` refused in one sentence
+    instead of the ValueError / AssertionError traceback it raises mid-parse."""
 
-    A missing dataset or checkpoint, a refused checkpoint or an unusable flag
-    needs no traceback; every other exception propagates unchanged.
-    """
-    try:
-        yield
-    except (MissingDatasetError, MissingCheckpointError, UnsafeCheckpointError,
-            ToolError) as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(USER_ERROR_EXIT) from None
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key:
+                raise ToolError(f'--cfg-options {item!r} is not KEY=VALUE; write it as e.g. '
+                                'train_cfg.max_epochs=12.')
+            try:
+                DictAction._parse_iterable(value)
+            except Exception:  # noqa: BLE001 - unbalanced brackets and quotes
+                raise ToolError(f'--cfg-options {item!r} has a malformed value; lists and '
+                                'tuples are written key="[a,b]" or key="(a,b)", with balanced '
+                                'brackets and no spaces.') from None
+        super().__call__(parser, namespace, values, option_string)
 
 
 # ----------------------------------------------------------- command lines
@@ -64,7 +73,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=CfgOptionsAction,
         help='override some settings in the used config, the key-value pair '
         'in xxx=yyy format will be merged into config file. If the value to '
         'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
@@ -151,17 +160,102 @@ def parse_test_args(
 # ------------------------------------------------------------------ config
 def load_config(args: argparse.Namespace) -> Config:
     """Read the config, apply ``--cfg-options``, ``--launcher`` and the work
-    dir (CLI > config > ``./work_dirs/<config name>``), as mmdet does."""
-    cfg = Config.fromfile(args.config)
+    dir (CLI > config > ``./work_dirs/<config name>``), as mmdet does.
+
+    A missing or unreadable config, an override that does not apply, or a work
+    dir that is a file is a :class:`ToolError`, before anything is built."""
+    path = check_readable_file(args.config, 'config',
+                               'pass the path of a config file (e.g. configs/...)')
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as exc:  # noqa: BLE001 - syntax errors, bad _base_, failed imports
+        raise ToolError(f'cannot read config {args.config} ({_describe(exc)}); fix the '
+                        'file.') from None
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        _merge_options(cfg, args.cfg_options, args.config)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    check_work_dir(cfg)
     return cfg
+
+
+def _describe(exc: Exception) -> str:
+    """``SyntaxError at line 3: '(' was never closed`` or ``Type: first line``."""
+    if isinstance(exc, SyntaxError) and exc.lineno and exc.msg:
+        return f'SyntaxError at line {exc.lineno}: {exc.msg}'
+    return f'{type(exc).__name__}: {first_line(exc)}'
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + ' ...' + text[-1]
+
+
+def _lookup(cfg: Mapping, key: str):
+    """The current value at a dotted key, and whether it exists."""
+    node = cfg
+    for part in key.split('.'):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None, False
+    return node, True
+
+
+def _merge_options(cfg: Config, options: dict, config: str) -> None:
+    """``cfg.merge_from_dict(options)``, refusing an override that could only fail later:
+    a key under a value that is not a dict, text where the config has a number, or a plain
+    value where it has a dict."""
+    tree = cfg.to_dict()
+    for key, value in options.items():
+        old, found = _lookup(tree, key)
+        if not found:
+            parent, parent_found = _lookup(tree, key.rpartition('.')[0]) if '.' in key else (
+                tree, True)
+            if parent_found and not isinstance(parent, (Mapping, list, tuple)):
+                raise ToolError(f'--cfg-options {key}={value}: {key.rpartition(".")[0]} is '
+                                f'{_short(parent)} in {config}, not a dict, so it has no '
+                                f'{key.rpartition(".")[2]!r}; set it as a whole or check the '
+                                'key.')
+            continue
+        wrong = ((isinstance(old, Number) and not isinstance(old, bool)
+                  and isinstance(value, str))
+                 or (isinstance(old, Mapping) and value is not None
+                     and not isinstance(value, Mapping)))
+        if wrong:
+            kind = 'a number' if isinstance(old, Number) else 'a dict'
+            raise ToolError(f'--cfg-options {key}={value}: {config} has {kind} there '
+                            f'({_short(old)}), not {type(value).__name__} {_short(value)}; '
+                            'give a value of the same kind.')
+    try:
+        cfg.merge_from_dict(options)
+    except Exception as exc:  # noqa: BLE001 - mmengine's own refusal
+        raise ToolError(f'--cfg-options cannot be applied to {config} '
+                        f'({type(exc).__name__}: {first_line(exc)}); check the keys.') from None
+
+
+def check_work_dir(cfg: Config) -> None:
+    """The work dir must be a folder or creatable: found here, not by the Runner's
+    ``makedirs`` (FileExistsError) after the model was built."""
+    work_dir = cfg.get('work_dir')
+    if not isinstance(work_dir, str) or not work_dir.strip():
+        raise ToolError('the work dir is empty; pass --work-dir DIR.')
+    probe = osp.abspath(osp.expanduser(work_dir))
+    while not osp.exists(probe) and osp.dirname(probe) != probe:
+        probe = osp.dirname(probe)
+    if not osp.isdir(probe):
+        what = 'is an existing file' if probe == osp.abspath(work_dir) else \
+            f'cannot be created: {probe} is a file'
+        raise ToolError(f'work dir {work_dir} {what}; pass --work-dir with a folder path.')
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ToolError(f'work dir {work_dir} cannot be written ({probe} is not writable); '
+                        'pass --work-dir with a writable folder.')
 
 
 def config_scope(cfg: Config) -> str:
@@ -329,15 +423,101 @@ def apply_test_args(cfg: Config, args: argparse.Namespace) -> Config:
         _trigger_visualization(cfg, args, scope)
     if args.tta:
         _enable_tta(cfg, scope)
-    if args.out is not None:
+    if args.out:  # '' is refused by check_test_outputs, with the other output checks
         if scope == 'mmseg':
             cfg.test_evaluator['output_dir'] = args.out
             cfg.test_evaluator['keep_results'] = True
         elif not args.out.endswith(('.pkl', '.pickle')):
             raise ToolError(
                 f'--out must name a .pkl file for {scope} configs, got '
-                f'{args.out}.')
+                f'{args.out!r}.')
     return cfg
+
+
+def check_test_outputs(cfg: Config, out: Optional[str]) -> OutputSet:
+    """``--out`` as an :class:`~orepa_mm.tool_io.OutputSet`, checked before any work: a .pkl
+    file (mmdet, mmpretrain) or the folder of segmentation maps (mmseg)."""
+    outputs = OutputSet('pass --out another path')
+    if out is not None:
+        kind = 'dir' if config_scope(cfg) == 'mmseg' else 'file'
+        outputs.add(out, '--out', kind=kind)
+    return outputs.check()
+
+
+def stage_test_output(cfg: Config, staged: dict, out: Optional[str]) -> Optional[str]:
+    """Point mmseg's ``output_dir`` at the staged folder; the staged ``--out`` path."""
+    if out is None:
+        return None
+    path = staged[osp.abspath(osp.expanduser(out))]
+    if config_scope(cfg) == 'mmseg':
+        cfg.test_evaluator['output_dir'] = path
+    return path
+
+
+# ------------------------------------------------------------- checkpoints
+def check_checkpoints(cfg: Config, mode: str, resume_arg: Optional[str] = None):
+    """Every local checkpoint the run will read exists and is a readable, safe checkpoint
+    with weights; for ``'test'`` the loaded CHECKPOINT's weights are returned."""
+    check_checkpoint_paths(cfg, mode, resume_arg=resume_arg)
+    load_from = cfg.get('load_from')
+    weights = None
+    if isinstance(load_from, str) and load_from and '://' not in load_from:
+        fix = TRAIN_FIX if mode == 'test' else (
+            'give --resume or load_from a checkpoint written by tools/train.py')
+        weights = checkpoint_weights(read_checkpoint(load_from, fix=fix), load_from, fix=fix)
+    if mode == 'train':
+        for key, path, _ in iter_pretrained_checkpoints(cfg.get('model')):
+            fix = f'point --cfg-options {key}=... at a backbone checkpoint'
+            checkpoint_weights(read_checkpoint(path, 'pretrained checkpoint', fix), path,
+                               'pretrained checkpoint', fix)
+    return weights
+
+
+def _inner_model_cfg(cfg: Config):
+    model = cfg.model
+    if isinstance(model.get('type'), str) and model['type'].endswith('TTAModel') \
+            and 'module' in model:
+        return model['module']
+    return model
+
+
+def _listing(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def check_checkpoint_fits(cfg: Config, state: Mapping, checkpoint: str,
+                          config: str) -> None:
+    """Refuse a checkpoint whose weights do not fit the config's model key for key and
+    shape for shape (mmengine would load what matches, warn on stdout and test a model that
+    is partly random: mAP 0.000, exit 0)."""
+    import torch
+    from mmengine.registry import MODELS, DefaultScope
+    try:
+        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+            model = MODELS.build(deepcopy(_inner_model_cfg(cfg)))
+    except Exception as exc:  # noqa: BLE001 - unknown types, bad arguments
+        raise ToolError(f'cannot build the model of {config} ({type(exc).__name__}: '
+                        f'{first_line(exc)}); fix the model section of the config.') from None
+    expected = model.state_dict()
+    given = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+             if k in given and isinstance(given[k], torch.Tensor)
+             and tuple(given[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} of the model\'s keys are missing ({_listing(missing)})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} keys are unexpected ({_listing(unexpected)})')
+    if wrong:
+        parts.append(f'{len(wrong)} have other shapes ({_listing(wrong)})')
+    raise ToolError(f'checkpoint {checkpoint} does not fit the model of {config}: '
+                    + ', '.join(parts) + '; pass the checkpoint tools/train.py wrote for this '
+                    'config, or the config the checkpoint was trained with.')
 
 
 # ------------------------------------------------------------------ runner
@@ -349,11 +529,36 @@ def build_runner(cfg: Config):
     :mod:`orepa_mm.engine.cpu_distributed`)."""
     from orepa_mm.engine.cpu_distributed import prepare_cpu_distributed
     prepare_cpu_distributed(cfg, cfg.get('launcher', 'none'))
-    if 'runner_type' not in cfg:
-        from mmengine.runner import Runner
-        return Runner.from_cfg(cfg)
-    registry = import_module(f'{config_scope(cfg)}.registry')
-    return registry.RUNNERS.build(cfg)
+    work_dir = osp.abspath(osp.expanduser(cfg.work_dir))
+    before = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
+    try:
+        if 'runner_type' not in cfg:
+            from mmengine.runner import Runner
+            return Runner.from_cfg(cfg)
+        registry = import_module(f'{config_scope(cfg)}.registry')
+        return registry.RUNNERS.build(cfg)
+    except Exception as exc:  # noqa: BLE001 - mmengine's build errors, after the checks
+        _remove_new_entries(work_dir, before)
+        raise ToolError(f'cannot build the runner from {cfg.filename} ({type(exc).__name__}: '
+                        f'{first_line(exc)}); fix the config.') from None
+    except BaseException:
+        _remove_new_entries(work_dir, before)
+        raise
+
+
+def _remove_new_entries(work_dir: str, before: Optional[set]) -> None:
+    """Undo what a failed Runner build created in the work dir (its log folder)."""
+    if not osp.isdir(work_dir):
+        return
+    if before is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
+    for name in set(os.listdir(work_dir)) - before:
+        path = osp.join(work_dir, name)
+        if osp.isdir(path) and not osp.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 def add_dump_results(runner, cfg: Config, out: Optional[str]) -> None:

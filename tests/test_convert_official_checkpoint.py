@@ -35,7 +35,7 @@ def test_converts_the_fixture_and_reports(tmp_path, capsys):
 
 def _refused(tmp_path, capsys, src, fragment):
     dst = tmp_path / 'dst.pth'
-    assert run_tool(src, dst) == 1
+    assert run_tool(src, dst) == 2  # bad input, as in every tool (orepa_mm.tool_io)
     err = capsys.readouterr().err
     assert fragment in err and err.count('\n') == 1, err
     assert not dst.exists() and not any(p.name.startswith('.tmp') for p in tmp_path.iterdir())
@@ -74,5 +74,5 @@ def test_refuses_a_corrupt_or_missing_file(tmp_path, capsys):
 def test_refuses_an_unwritable_destination(tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('x')
-    assert run_tool(reference_path('official_resnet18_w0.25.pth.tar'), blocker / 'r18.pth') == 1
+    assert run_tool(reference_path('official_resnet18_w0.25.pth.tar'), blocker / 'r18.pth') == 2
     assert 'cannot write' in capsys.readouterr().err

@@ -318,8 +318,8 @@ def test_train_shipped_config_without_the_official_checkpoint(run_tool, tmp_path
         (coco / 'annotations' / f'instances_{split}2017.json').write_text('{}')
         (coco / f'{split}2017').mkdir()
     ran = run_tool('train', REPO / 'configs' / 'faster_rcnn_orepa_r50.py', cwd=tmp_path)
-    assert one_sentence(ran, 2) == official_message(os.path.realpath(tmp_path),
-                                                    'torchvision://resnet50')
+    assert one_sentence(ran, 2) == 'error: ' + official_message(
+        os.path.realpath(tmp_path), 'torchvision://resnet50')
     assert not (tmp_path / 'work_dirs').exists()  # stopped before the Runner
     assert ran.stdout == ''
 
@@ -328,7 +328,7 @@ def test_train_resume_from_a_missing_checkpoint(run_tool, toy, tmp_path):
     ran = run_tool('train', toy, '--resume', 'missing.pth', '--work-dir', tmp_path / 'wd',
                    cwd=tmp_path)
     assert one_sentence(ran, 2) == (
-        f'Cannot resume: checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; '
+        f'error: Cannot resume: checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; '
         'give --resume an existing checkpoint, or --resume alone to continue from the latest '
         f'one in {tmp_path / "wd"}.')
     assert not (tmp_path / 'wd').exists()
@@ -339,8 +339,8 @@ def test_test_with_a_missing_checkpoint(run_tool, tmp_path):
     ran = run_tool('test', REPO / 'configs' / 'faster_rcnn_orepa_r50.py', 'missing.pth',
                    cwd=tmp_path)
     assert one_sentence(ran, 2) == (
-        f'Checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; pass tools/test.py '
-        'a checkpoint written by tools/train.py (for example '
+        f'error: Checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; pass '
+        'tools/test.py a checkpoint written by tools/train.py (for example '
         'work_dirs/<config name>/epoch_12.pth).')
     assert not (tmp_path / 'work_dirs').exists()
 
@@ -352,7 +352,7 @@ def test_converter_names_a_runner_checkpoint(run_tool, tmp_path):
     with pytest.raises(Exception):  # what made the converter call it corrupt before
         torch.load(src, weights_only=True)
     ran = run_tool('convert_official_checkpoint', src, tmp_path / 'out.pth', cwd=tmp_path)
-    assert one_sentence(ran, 1) == (
+    assert one_sentence(ran, 2) == (
         f'error: {src} is an mmengine runner checkpoint of an orepa_mm model (epoch 6, iter '
         '300), which needs no conversion: pass it to tools/test.py or tools/reparameterize.py, '
         "or use it as load_from; this tool converts the authors' ImageNet checkpoints "
@@ -365,7 +365,7 @@ def test_reparameterize_checks_the_output_directory_first(run_tool, toy, tmp_pat
     checkpoint = tmp_path / 'epoch_1.pth'
     checkpoint.write_bytes(b'not a checkpoint')
     ran = run_tool('reparameterize', toy, checkpoint, '--out', '/proc/x', cwd=tmp_path)
-    assert one_sentence(ran, 1) == (
+    assert one_sentence(ran, 2) == (
         'error: output directory /proc/x is not writable (/proc/x: No such file or directory).')
     assert ran.stdout == ''
 
@@ -377,8 +377,8 @@ def test_converter_still_calls_a_truncated_file_corrupt(tmp_path, capsys):
     main = runpy.run_path(str(REPO / 'tools' / 'convert_official_checkpoint.py'),
                           run_name='_converter')['main']
     capsys.readouterr()
-    assert main([str(src), str(tmp_path / 'out.pth')]) == 1
-    line = one_sentence(Ran(1, '', capsys.readouterr().err), 1)
+    assert main([str(src), str(tmp_path / 'out.pth')]) == 2
+    line = one_sentence(Ran(2, '', capsys.readouterr().err), 2)
     assert line.startswith(f'error: cannot read {src} as a tensor checkpoint (')
     assert line.endswith('; re-download the file.')
 

@@ -181,7 +181,7 @@ def run_tool(argv, capsys):
 
 
 def assert_one_sentence(code, err, expected):
-    assert code == 1
+    assert code == 2  # bad input, as in every tool (orepa_mm.tool_io)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0]
     assert lines[0].endswith('.') or lines[0].endswith(').')

@@ -164,8 +164,8 @@ def test_missing_dataset_is_one_sentence_and_exit_2(toy, tmp_path):
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f'Dataset not found: expected {missing} (for train); see README '
-        "section 'Datasets' to download and place it.")
+        f'error: Dataset not found: expected {missing} (for train); see docs/configs.md '
+        "(section 'Datasets') to download and place it.")
     assert not (tmp_path / 'work').exists()  # failed before the Runner
 
 
@@ -189,7 +189,7 @@ def test_test_tool_refuses_malicious_checkpoint(toy, tmp_path):
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        f'Refusing to load checkpoint {evil}: it pickles the global ')
+        f'error: Refusing to load checkpoint {evil}: it pickles the global ')
     assert not marker.exists()
 
 

@@ -5,14 +5,16 @@
 The result loads with ``init_cfg=dict(type='Pretrained', checkpoint=DST)`` into the matching
 ``OREPAResNet`` / ``OREPAVGG`` with no missing or unexpected keys. The architecture is inferred
 from the keys; the classifier head is dropped and reported. A file that is not an authors'
-checkpoint, or that does not map completely, is refused: non-zero exit, nothing written. A
-checkpoint mmengine or orepa_mm wrote (a runner checkpoint from tools/train.py, this tool's own
-output, a deployed checkpoint) is named as such: those need no conversion.
+checkpoint, or that does not map completely, is refused: one sentence on stderr, exit status 2,
+nothing written. A checkpoint mmengine or orepa_mm wrote (a runner checkpoint from
+tools/train.py, this tool's own output, a deployed checkpoint) is named as such: those need no
+conversion. DST follows the tools' write policy (``orepa_mm.tool_io``): checked before the
+source is read, written beside itself and moved into place; an existing DST is replaced only
+by a complete new file (and the tool says so).
 """
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 
 # setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm libraries import:
@@ -26,6 +28,8 @@ from orepa_mm.checkpoint_check import describe_checkpoint  # noqa: E402
 from orepa_mm.checkpoint_loading import UnsafeCheckpointError, load_from_local  # noqa: E402
 from orepa_mm.official_checkpoint import (OfficialCheckpointError,  # noqa: E402
                                           convert_official_state_dict)
+from orepa_mm.tool_io import (OrepaInputError, OutputSet, check_readable_file,  # noqa: E402
+                              run_tool)
 
 EXPECTED = ("this tool converts the authors' ImageNet checkpoints (ResNet-50_OREPA.pth.tar and "
             "the like: a state_dict of 'module.stage0...' tensors)")
@@ -38,24 +42,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def fail(message: str) -> int:
-    print(f'error: {message}', file=sys.stderr)
-    return 1
-
-
-def save_atomically(obj, dst: str):
-    """Write to a temporary file beside ``dst``, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def fail(message: str):
+    raise OrepaInputError(message)
 
 
 # What to do instead, by the kind describe_checkpoint() names.
@@ -77,7 +65,9 @@ def read_checkpoint(src: str):
     named for what it is) instead of being called corrupt.
     """
     try:
-        return torch.load(src, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol: not the user's
+            warnings.simplefilter('ignore')
+            return torch.load(src, map_location='cpu', weights_only=True)
     except Exception as first:  # noqa: BLE001
         try:
             return load_from_local(src, map_location='cpu')
@@ -87,35 +77,42 @@ def read_checkpoint(src: str):
             raise first from None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not os.path.isfile(args.src):
-        return fail(f'{args.src} does not exist; pass the path of the downloaded .pth.tar.')
+def convert(args: argparse.Namespace) -> int:
+    outputs = OutputSet('choose another DST path')
+    dst = outputs.add(args.dst, 'DST')
+    check_readable_file(args.src, 'source checkpoint', 'pass the path of the downloaded .pth.tar')
+    if os.path.realpath(args.src) == os.path.realpath(dst):
+        fail(f'DST {args.dst} is the source checkpoint itself; write the converted checkpoint '
+             'to another path.')
+    outputs.check()
     try:
         checkpoint = read_checkpoint(args.src)
     except UnsafeCheckpointError as exc:  # carrying pickled code: never run
-        return fail(f'{str(exc).rstrip(".")}; {EXPECTED}.')
-    except Exception as exc:  # truncated or corrupt
-        return fail(f'cannot read {args.src} as a tensor checkpoint ({type(exc).__name__}); '
-                    're-download the file.')
+        fail(f'{str(exc).rstrip(".")}; {EXPECTED}.')
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt
+        fail(f'cannot read {args.src} as a tensor checkpoint ({type(exc).__name__}); '
+             're-download the file.')
     found = describe_checkpoint(checkpoint)
     if found is not None:
-        return fail(f'{args.src} is {found.description}, {NO_CONVERSION[found.kind]}; '
-                    f'{EXPECTED}.')
+        fail(f'{args.src} is {found.description}, {NO_CONVERSION[found.kind]}; {EXPECTED}.')
     try:
         state_dict, report = convert_official_state_dict(checkpoint)
     except OfficialCheckpointError as exc:
-        return fail(f'{args.src} is not a convertible OREPA checkpoint: {exc}.')
+        fail(f'{args.src} is not a convertible OREPA checkpoint: {exc}.')
     meta = dict(converted_from=os.path.basename(args.src), architecture=report.architecture)
-    try:
-        save_atomically(dict(state_dict=state_dict, meta=meta), args.dst)
-    except OSError as exc:
-        return fail(f'cannot write {args.dst} ({exc.strerror or exc}); choose a writable path.')
+    with outputs.write() as staged:
+        torch.save(dict(state_dict=state_dict, meta=meta), staged[dst])
     for line in report.lines():
         print(line)
-    print(f'wrote {args.dst}: {len(state_dict)} tensors; use it with '
+    replaced = ' (replaced the previous file)' if outputs.replaced else ''
+    print(f'wrote {args.dst}{replaced}: {len(state_dict)} tensors; use it with '
           f"init_cfg=dict(type='Pretrained', checkpoint='{args.dst}')")
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_tool(lambda: convert(args))
 
 
 if __name__ == '__main__':

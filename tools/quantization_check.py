@@ -16,9 +16,11 @@ tensor), calibrated on the first N images of the config's val dataset; then it p
 * with ``--eval``: the task metric (the config's val_evaluator on the whole val set) with the
   fp32 and with the INT8 backbone + neck in ONNX Runtime, heads in PyTorch.
 
-Exit codes: 0 checked (and --out / --save-onnx written); 1 bad input (missing directory, not a
-deploy directory, no val data, ... : one sentence on stderr, nothing written); 2 bad command
-line (argparse).
+Exit codes (the same in every orepa_mm tool, see orepa_mm.tool_io): 0 checked (and --out /
+--save-onnx written); 2 bad input or bad command line (missing directory, not a deploy
+directory, no val data, an output name that cannot be written, ... : one sentence on stderr,
+nothing written); 130 interrupted. --out and --save-onnx are checked before any work and
+written together at the end (an existing file is replaced only by a complete new one).
 """
 import argparse
 import sys
@@ -32,7 +34,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated', categor
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='exit codes: 0 checked, 1 bad input, 2 usage')
+        epilog='exit codes: 0 checked, 2 bad input or usage, 130 interrupted')
     parser.add_argument('deploy_dir', help='directory written by tools/reparameterize.py --out')
     parser.add_argument('--calib', type=int, default=8,
                         help='calibration images, the first ones of the val dataset (default 8)')
@@ -58,26 +60,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def check(args: argparse.Namespace) -> int:
     import torch
 
     from orepa_mm.apis.quantization import QuantizationCheckError, quantization_check
-    from orepa_mm.apis.reparameterize import ReparameterizeError
+    if args.top < 0:
+        raise QuantizationCheckError(f'--top must be 0 or more (layers listed), got {args.top}.')
     torch.set_num_threads(max(1, args.threads))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            report = quantization_check(
-                args.deploy_dir, calib=args.calib, images=args.images, run_eval=args.eval,
-                out=args.out, save_onnx=args.save_onnx, threads=args.threads,
-                calibration=args.calibration, keep_fp32=args.keep_fp32)
-    except (QuantizationCheckError, ReparameterizeError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return exc.exit_code
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        report = quantization_check(
+            args.deploy_dir, calib=args.calib, images=args.images, run_eval=args.eval,
+            out=args.out, save_onnx=args.save_onnx, threads=args.threads,
+            calibration=args.calibration, keep_fp32=args.keep_fp32)
     print()
     print(report.table(top=args.top, rank_by=args.rank_by))
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Imported after argument parsing so --help and usage errors stay instant.
+    from orepa_mm.tool_io import run_tool
+    return run_tool(lambda: check(args))
 
 
 if __name__ == '__main__':

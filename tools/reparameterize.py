@@ -15,15 +15,18 @@ Writes, only after the deployed model reproduced the train-time model's outputs:
 EMA weights (mmengine ``EMAHook``) are used when the checkpoint has them, unless ``--no-ema``.
 The verification input has the config's test size (``--input-size`` overrides it).
 
-Exit codes:
-    0  converted, verified and written;
-    1  bad input: missing/unreadable/corrupt file, config and checkpoint do not match, nothing
-       to re-parameterize, output directory not writable (one sentence on stderr);
-    2  bad command line (argparse);
-    3  the checkpoint is already re-parameterized: nothing to do, use it as is;
-    4  verification failed: an output is beyond --rtol (compared in float64), or beyond 1e-4
-       in float32 where it cannot run in float64 (or onnxruntime).
-Nothing is written unless the exit code is 0.
+Exit codes (the same in every orepa_mm tool, see orepa_mm.tool_io):
+    0    converted, verified and written;
+    2    bad input or bad command line: missing/unreadable/corrupt/unsafe file, config and
+         checkpoint do not match, nothing to re-parameterize, an output name that cannot be
+         written (one sentence on stderr, found before any work);
+    3    the checkpoint is already re-parameterized: nothing to do, use it as is;
+    4    verification failed: an output is beyond --rtol (compared in float64), or beyond 1e-4
+         in float32 where it cannot run in float64 (or onnxruntime);
+    130  interrupted (Ctrl-C; 143 for SIGTERM).
+Nothing is written unless the exit code is 0. Existing outputs in DIR are replaced all
+together once the new ones are verified and written (a stale deploy_backbone.onnx is removed
+when --onnx is not given); until then, and on any failure, they stay as they were.
 
 Next step, from an mmdeploy checkout (see the printed command for your task):
     python tools/deploy.py configs/mmdet/detection/detection_onnxruntime_dynamic.py \\
@@ -31,6 +34,7 @@ Next step, from an mmdeploy checkout (see the printed command for your task):
         --dump-info
 """
 import argparse
+import os.path as osp
 import sys
 import warnings
 
@@ -43,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='exit codes: 0 written, 1 bad input, 2 usage, 3 already deployed, '
-               '4 verification failed')
+        epilog='exit codes: 0 written, 2 bad input or usage, 3 already deployed, '
+               '4 verification failed, 130 interrupted')
     parser.add_argument('config', help='train-time config file')
     parser.add_argument('checkpoint', help='train-time checkpoint file')
     parser.add_argument('--out', required=True, help='output directory')
@@ -66,12 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # Imported after argument parsing so --help and usage errors stay instant.
-    from orepa_mm.apis import ReparameterizeError, VerificationError, reparameterize_checkpoint
-    from orepa_mm.apis.reparameterize import DEFAULT_RTOL, format_errors
+def reparameterize(args: argparse.Namespace) -> int:
+    from orepa_mm.apis import VerificationError, reparameterize_checkpoint
+    from orepa_mm.apis.reparameterize import DEFAULT_RTOL, DEPLOY_CHECKPOINT, format_errors
     rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
+    existed = osp.isfile(osp.join(args.out, DEPLOY_CHECKPOINT))
 
     try:
         with warnings.catch_warnings():
@@ -82,17 +85,25 @@ def main(argv=None) -> int:
                 device=args.device,
                 input_size=tuple(args.input_size) if args.input_size else None,
                 rtol=rtol, export_onnx=args.onnx)
-    except ReparameterizeError as exc:
-        if isinstance(exc, VerificationError) and exc.errors:
+    except VerificationError as exc:
+        if exc.errors:
             print('\n'.join(format_errors(exc.errors, rtol)))
-        print(f'error: {exc}', file=sys.stderr)
-        return exc.exit_code
+        raise
     print()
     print(result.table())
+    if existed:
+        print(f'(the previous outputs in {args.out} were replaced)')
     print()
     print('next, with mmdeploy (from its repository root):')
     print(f'  {result.mmdeploy_command()}')
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Imported after argument parsing so --help and usage errors stay instant.
+    from orepa_mm.tool_io import run_tool
+    return run_tool(lambda: reparameterize(args))
 
 
 if __name__ == '__main__':

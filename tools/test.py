@@ -7,9 +7,12 @@ Usage: python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE]
        [--cfg-options k=v ...] [--launcher L]
 
 The config's ``default_scope`` picks the library (and what ``--out`` and
-``--show-dir`` mean, as in that library's own test.py). A missing dataset or
-checkpoint, a checkpoint that is not a plain runner checkpoint, or an
-unusable flag ends the run with one sentence on stderr and exit status 2.
+``--show-dir`` mean, as in that library's own test.py). Bad input (a missing
+or broken config, dataset or checkpoint, a checkpoint whose weights do not
+fit the config's model, an unusable flag, an ``--out`` that cannot be
+written) ends the run before anything is built, with one sentence on stderr
+and exit status 2. ``--out`` follows the write policy of ``orepa_mm.tool_io``:
+written beside its target and moved into place once the test has run.
 """
 import warnings
 
@@ -18,30 +21,41 @@ import warnings
 warnings.filterwarnings(
     'ignore', message='pkg_resources is deprecated', category=UserWarning)
 
+import sys  # noqa: E402
+
 import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
-from orepa_mm.checkpoint_check import check_checkpoint_paths  # noqa: E402
 from orepa_mm.checkpoint_loading import \
     register_safe_checkpoint_loader  # noqa: E402
 from orepa_mm.data_check import check_dataset_paths  # noqa: E402
-from orepa_mm.tools_utils import (add_dump_results,  # noqa: E402
+from orepa_mm.tool_io import run_tool  # noqa: E402
+from orepa_mm.tools_utils import (REFUSALS, add_dump_results,  # noqa: E402
                                   apply_test_args, build_runner,
-                                  exit_on_user_error, load_config,
-                                  parse_test_args)
+                                  check_checkpoint_fits, check_checkpoints,
+                                  load_config, parse_test_args,
+                                  stage_test_output, check_test_outputs)
 
 
-def main(argv=None):
+def test(argv=None) -> None:
     args = parse_test_args(argv)
-    with exit_on_user_error():
-        register_safe_checkpoint_loader()  # idempotent; see checkpoint_loading
-        cfg = load_config(args)
-        apply_test_args(cfg, args)
-        check_checkpoint_paths(cfg, 'test')
-        check_dataset_paths(cfg, ('test', ))
+    register_safe_checkpoint_loader()  # idempotent; see checkpoint_loading
+    cfg = load_config(args)
+    apply_test_args(cfg, args)
+    outputs = check_test_outputs(cfg, args.out)
+    weights = check_checkpoints(cfg, 'test')
+    if weights is not None:
+        check_checkpoint_fits(cfg, weights, args.checkpoint, args.config)
+    check_dataset_paths(cfg, ('test', ))
 
+    with outputs.write() as staged:
+        out = stage_test_output(cfg, staged, args.out)
         runner = build_runner(cfg)
-        add_dump_results(runner, cfg, args.out)
+        add_dump_results(runner, cfg, out)
         runner.test()
 
 
+def main(argv=None) -> int:
+    return run_tool(lambda: test(argv), REFUSALS)
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

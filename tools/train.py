@@ -4,11 +4,12 @@
 Usage: python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]]
        [--amp] [--auto-scale-lr] [--cfg-options k=v ...] [--launcher L]
 
-The config's ``default_scope`` picks the library. A missing dataset, a
-missing checkpoint (``--resume CKPT``, ``load_from``, a ``Pretrained``
-``init_cfg``), a checkpoint that is not a plain runner checkpoint, or an
-unusable flag ends the run, before anything is built, with one sentence on
-stderr and exit status 2.
+The config's ``default_scope`` picks the library. Bad input (a missing or
+broken config, a malformed ``--cfg-options`` value, a work dir that is a file,
+a missing dataset, a missing, unreadable or unsafe checkpoint: ``--resume
+CKPT``, ``load_from``, a ``Pretrained`` ``init_cfg``) ends the run before
+anything is built or written, with one sentence on stderr and exit status 2
+(see ``orepa_mm.tool_io``; Ctrl-C: 130).
 """
 import warnings
 
@@ -17,29 +18,35 @@ import warnings
 warnings.filterwarnings(
     'ignore', message='pkg_resources is deprecated', category=UserWarning)
 
+import sys  # noqa: E402
+
 import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
-from orepa_mm.checkpoint_check import check_checkpoint_paths  # noqa: E402
 from orepa_mm.checkpoint_loading import \
     register_safe_checkpoint_loader  # noqa: E402
 from orepa_mm.data_check import check_dataset_paths  # noqa: E402
-from orepa_mm.tools_utils import (apply_train_args, build_runner,  # noqa: E402
-                                  config_scope, exit_on_user_error,
-                                  load_config, parse_train_args, train_splits)
+from orepa_mm.tool_io import run_tool  # noqa: E402
+from orepa_mm.tools_utils import (REFUSALS, apply_train_args,  # noqa: E402
+                                  build_runner, check_checkpoints,
+                                  config_scope, load_config, parse_train_args,
+                                  train_splits)
 
 
-def main(argv=None):
+def train(argv=None) -> None:
     args = parse_train_args(argv)
-    with exit_on_user_error():
-        register_safe_checkpoint_loader()  # idempotent; see checkpoint_loading
-        cfg = load_config(args)
-        config_scope(cfg)
-        apply_train_args(cfg, args)
-        check_dataset_paths(cfg, train_splits(cfg))
-        check_checkpoint_paths(cfg, 'train', resume_arg=args.resume)
+    register_safe_checkpoint_loader()  # idempotent; see checkpoint_loading
+    cfg = load_config(args)
+    config_scope(cfg)
+    apply_train_args(cfg, args)
+    check_dataset_paths(cfg, train_splits(cfg))
+    check_checkpoints(cfg, 'train', resume_arg=args.resume)
 
-        runner = build_runner(cfg)
-        runner.train()
+    runner = build_runner(cfg)
+    runner.train()
+
+
+def main(argv=None) -> int:
+    return run_tool(lambda: train(argv), REFUSALS)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

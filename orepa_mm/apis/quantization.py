@@ -23,8 +23,10 @@
    the mm model (``model.extract_feat`` replaced; heads, RPN, post-processing in PyTorch).
 
 The report goes to stdout; ``out`` (JSON) and ``save_onnx`` (the INT8 model) are written only
-after everything succeeded, through a temporary file and ``os.replace``. Bad input raises
-:class:`QuantizationCheckError` (one sentence, ``exit_code`` 1) before anything is written.
+after everything succeeded, under the tools' write policy (:mod:`orepa_mm.tool_io`: both
+names checked before any work, staged beside them, moved into place together). Bad input
+raises :class:`QuantizationCheckError` (one sentence, ``exit_code`` 2) before anything is
+written.
 
 :func:`analyse_model` is steps 1-4 on any module with a ``backbone`` (and optionally a neck and
 ``with_neck``) and given input tensors: what the tests call on small synthetic models.
@@ -34,7 +36,6 @@ import copy
 import io
 import json
 import math
-import os
 import os.path as osp
 import tempfile
 import time
@@ -48,9 +49,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..deploy import count_reparameterizable
+from ..tool_io import OrepaInputError, OutputSet
 from .reparameterize import (DEPLOY_CHECKPOINT, DEPLOY_CONFIG, ReparameterizeError,
-                             _build_model, _check_writable_dir, _first_line, _load_checkpoint_file,
-                             _load_config, _revise_keys, _state_dict_of, write_atomically)
+                             _build_model, _first_line, _load_checkpoint_file, _load_config,
+                             _revise_keys, _state_dict_of)
 from .text_table import format_rows
 from .verification import FeatureExtractor, export_onnx, flatten_tensors, run_safely
 
@@ -63,7 +65,7 @@ INPUT_NAME = 'input'  # what export_onnx names the graph input
 
 
 class QuantizationCheckError(ReparameterizeError):
-    """Bad input for the check: one sentence; nothing was written (exit code 1)."""
+    """Bad input for the check: one sentence; nothing was written (exit code 2)."""
 
 
 # -- the numbers ------------------------------------------------------------------------------
@@ -799,11 +801,7 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
         raise QuantizationCheckError(f'calibration must be one of {", ".join(CALIBRATION_METHODS)}'
                                      f', got {calibration!r}.')
     config, checkpoint = _check_deploy_dir(deploy_dir)
-    for path, what in ((out, '--out'), (save_onnx, '--save-onnx')):
-        if path:
-            if osp.isdir(path):
-                raise QuantizationCheckError(f'{what} {path} is a directory; name a file.')
-            _check_writable_dir(osp.dirname(osp.abspath(path)))
+    outputs = _check_outputs(out, save_onnx)
     cfg = _load_config(config)
     if run_eval and not cfg.get('val_evaluator'):
         raise QuantizationCheckError(f'config {config} has no val_evaluator; run without --eval.')
@@ -857,19 +855,29 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
             report.metric_names = [m for m in HEADLINE_METRICS if m in names] + [
                 m for m in names if m not in HEADLINE_METRICS]
             report.eval_images = len(dataset)
-        writers = {}
-        if save_onnx:
-            int8_path = graphs.int8_path
-            writers[save_onnx] = lambda path: _copy(int8_path, path)
-        if out:
+        if out is not None:
             report.json_file = osp.abspath(out)
-        if save_onnx:
+        if save_onnx is not None:
             report.onnx_file = osp.abspath(save_onnx)
-        if out:
-            text = json.dumps(report.as_dict(), indent=1)
-            writers[out] = lambda path: _write_text(path, text)
-        _write_files(writers)
+        with outputs.write() as staged:
+            if save_onnx is not None:
+                _copy(graphs.int8_path, staged[report.onnx_file])
+            if out is not None:
+                _write_text(staged[report.json_file], json.dumps(report.as_dict(), indent=1))
     return report
+
+
+def _check_outputs(out: Optional[str], save_onnx: Optional[str]) -> OutputSet:
+    """``--out`` and ``--save-onnx`` as one :class:`~orepa_mm.tool_io.OutputSet`, checked
+    before any work (empty, the same file twice, a directory, an unwritable folder)."""
+    outputs = OutputSet('name another file')
+    try:
+        for path, flag in ((out, '--out'), (save_onnx, '--save-onnx')):
+            if path is not None:
+                outputs.add(path, flag)
+        return outputs.check()
+    except OrepaInputError as exc:
+        raise QuantizationCheckError(str(exc)) from None
 
 
 def _copy(source: str, target: str) -> None:
@@ -880,20 +888,3 @@ def _copy(source: str, target: str) -> None:
 def _write_text(path: str, text: str) -> None:
     with open(path, 'w', encoding='utf-8') as f:
         f.write(text + '\n')
-
-
-def _write_files(writers: Dict[str, Callable[[str], None]]) -> None:
-    """Each file through a temporary name beside it and ``os.replace`` (all or none)."""
-    by_dir: Dict[str, Dict[str, Callable[[str], None]]] = {}
-    for path, write in writers.items():
-        target = osp.abspath(path)
-        by_dir.setdefault(osp.dirname(target), {})[osp.basename(target)] = write
-    written: List[str] = []
-    try:
-        for folder, group in by_dir.items():
-            written += list(write_atomically(folder, group).values())
-    except OSError as exc:
-        for path in written:
-            os.unlink(path)
-        raise QuantizationCheckError(f'cannot write the results ({exc.strerror or _first_line(exc)}'
-                                     ').') from exc
