@@ -24,7 +24,8 @@ import orepa_mm
 from orepa_mm.apis import (EXIT_ALREADY_DEPLOYED, EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED,
                            ReparameterizeError, VerificationError, deploy_config,
                            reparameterize_checkpoint)
-from orepa_mm.apis.reparameterize import DEFAULT_RTOL
+from orepa_mm.apis.reparameterize import (ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL,
+                                          FLOAT32_RTOL)
 from orepa_mm.cnn import ReparamConv2d
 from orepa_mm.deploy import count_reparameterizable
 from tests import reparam_configs as configs
@@ -223,6 +224,7 @@ def test_round_trip_in_a_fresh_process_without_orepa_mm(name, cases, converted,
     assert record['ema_used'] is False and record['orepa_mm_version'] == orepa_mm.__version__
     assert record['input_size'] == list(size) == list(result.input_size)
     assert 0 <= record['max_rel_error'] < DEFAULT_RTOL and record['rtol'] == DEFAULT_RTOL
+    assert 0 < record['artefact_max_rel_error'] < ARTEFACT_RTOL == record['artefact_rtol']
 
     # Same input: train-time model here, deployed model in a process without orepa_mm.
     reference = outputs(case.model, image_for(name))
@@ -487,9 +489,60 @@ def test_float64_gate_separates_a_small_conversion_error_from_rounding(cases, tm
     with pytest.raises(VerificationError) as failure:
         reparameterize_checkpoint(case.config, case.checkpoint, str(tmp_path / 'broken'),
                                   verbose=False)
-    worst = max(e.rel for e in failure.value.errors if e.gated)
+    worst = max(e.rel for e in failure.value.errors if e.gated and e.tolerance is None)
     assert DEFAULT_RTOL < worst < 1e-5  # caught in float64, far below float32 noise
     assert not (tmp_path / 'broken').exists()
+
+
+def test_the_written_weights_are_gated_not_a_copy_baked_again(cases, tmp_path, capsys,
+                                                             monkeypatch):
+    """A tensor damaged between the bake and the save (here: right after the baked weights are
+    loaded into the stock model) is caught by the gate on what deploy.pth holds (its float32
+    weights run in float64), although the float64 conversion check, which bakes again from the
+    train-time model, passes."""
+    from orepa_mm.apis import reparameterize as module
+    convert = module._convert_into
+
+    def convert_then_damage(stock, *args, **kwargs):
+        num_baked = convert(stock, *args, **kwargs)
+        with torch.no_grad():
+            stock.backbone.stem.branch_reparam.weight.mul_(1.05)
+        return num_baked
+
+    monkeypatch.setattr(module, '_convert_into', convert_then_damage)
+    case = cases['classifier']
+    out = tmp_path / 'out'
+    code, stdout, err = run_main([case.config, case.checkpoint, '--out', out], capsys)
+    assert_refused(code, err, EXIT_VERIFICATION_FAILED, 'of deploy.pth as written',
+                   'float64 from its float32 weights', 'rtol 0.0001', out_dir=out)
+    rows = [line for line in stdout.splitlines() if 'FAIL' in line]
+    assert rows and all('deploy.pth as written' in line for line in rows)  # float64: all ok
+
+
+def test_deploy_pth_is_read_back_from_disk_before_it_lands(cases, tmp_path, monkeypatch):
+    """The file itself is checked: one bit of one tensor changed on its way to disk (an output
+    change far below the float32 gate) and nothing lands."""
+    save = torch.save
+
+    def save_damaged(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and isinstance(obj, dict) and 'state_dict' in obj:
+            state = dict(obj['state_dict'])
+            key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+            damaged = state[key].clone()
+            damaged.view(-1)[0] = torch.nextafter(damaged.view(-1)[0], torch.tensor(1e30))
+            state[key] = damaged
+            obj = dict(obj, state_dict=state)
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', save_damaged)
+    case = cases['classifier']
+    out = tmp_path / 'out'
+    with pytest.raises(VerificationError) as failure:
+        reparameterize_checkpoint(case.config, case.checkpoint, str(out), verbose=False)
+    message = str(failure.value)
+    assert 'read back from disk' in message and '1 tensors differ' in message
+    assert failure.value.exit_code == EXIT_VERIFICATION_FAILED and '\n' not in message
+    assert not out.exists()
 
 
 def test_cuda_unavailable(cases, tmp_path, capsys):
@@ -517,7 +570,8 @@ def test_cli_process_exit_code_and_single_stderr_line(cases, tmp_path):
                           timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT
     assert proc.stderr.strip().splitlines() == [
-        f'error: checkpoint {tmp_path / "nope.pth"} does not exist.']
+        f'error: checkpoint {tmp_path / "nope.pth"} does not exist; pass a checkpoint written by '
+        'tools/train.py.']
     assert not out.exists()
 
 
@@ -587,6 +641,56 @@ def test_any_model_with_orepa_conv_cfg_is_converted(tmp_path):
     assert Config.fromfile(result.deploy_config).model.backbone.conv_cfg is None
     assert result.input_size_source == '--input-size'
     assert result.max_rel_error < RTOL
+
+
+def _dbb_detector(tmp_path, norm="dict(type='BN', requires_grad=True)"):
+    """The tiny detector with a stock mmdet ResNet-18 whose 3x3 convs are DBB, its backbone
+    trained one step after ``randomise``; (config, checkpoint)."""
+    config = tmp_path / 'dbb.py'
+    text = configs.DETECTOR.replace("type='OREPAResNet',",
+                                    "type='ResNet', conv_cfg=dict(type='DBB'),")
+    config.write_text(text.replace("norm_cfg=dict(type='BN', requires_grad=True)",
+                                   f'norm_cfg={norm}'))
+    torch.manual_seed(5)
+    model = randomise(build(config), seed=5)
+    model.backbone.train()
+    optimizer = torch.optim.SGD(model.backbone.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    sum(f.mean() for f in model.backbone(x)).backward()
+    optimizer.step()
+    model.eval()
+    checkpoint = tmp_path / 'dbb.pth'
+    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+    return config, checkpoint, model
+
+
+def test_dbb_in_a_stock_resnet_deploys_with_its_biases_folded_into_the_bns(tmp_path):
+    """DBB bakes into convs with a bias; mmdet's ResNet has none: each bias goes into the BN
+    after its conv (exact), deploy.pth loads strictly into the stock ResNet."""
+    config, checkpoint, model = _dbb_detector(tmp_path)
+    result = reparameterize_checkpoint(str(config), str(checkpoint), str(tmp_path / 'out'),
+                                       verbose=False)
+    assert result.num_reparameterized == 16  # every 3x3 block conv of ResNet-18
+    assert result.max_rel_error < DEFAULT_RTOL  # float64, every output
+    artefact = [e for e in result.errors if e.name == ARTEFACT_ROW]
+    assert artefact and artefact[0].gated and artefact[0].rel < ARTEFACT_RTOL
+    deployed = Config.fromfile(result.deploy_config).model.backbone
+    assert deployed.type == 'ResNet' and deployed.get('conv_cfg') is None
+    stock = build(result.deploy_config)
+    state = torch.load(result.deploy_checkpoint, weights_only=True)['state_dict']
+    stock.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for a, b in zip(stock.backbone(x), model.backbone(x)):
+            assert rel_err(a, b) < FLOAT32_RTOL
+
+
+def test_dbb_bias_with_no_bn_after_it_is_refused_in_one_sentence(tmp_path, capsys):
+    config, checkpoint, _ = _dbb_detector(tmp_path, norm="dict(type='GN', num_groups=2)")
+    out = tmp_path / 'out'
+    code, _, err = run_main([config, checkpoint, '--out', out], capsys)
+    assert_refused(code, err, EXIT_BAD_INPUT, 'backbone.layer1.0.conv1', 'no BatchNorm follows',
+                   out_dir=out)
 
 
 def test_runner_checkpoint_with_logs_and_numpy_meta(cases, tmp_path):

@@ -3,18 +3,25 @@
 :func:`reparameterize_checkpoint` is the whole conversion, used by ``tools/reparameterize.py``
 and callable from Python (demos, notebooks):
 
-1. read the config and the checkpoint (through mmengine's loader, so whatever checkpoint
-   loading orepa_mm registers applies), pick the weights (EMA when present, see
+1. read the config and the checkpoint (orepa_mm's safe runner-checkpoint loader,
+   :func:`orepa_mm.checkpoint_loading.read_checkpoint`: a malicious file is refused for safety,
+   a broken one named as such), pick the weights (EMA when present, see
    :func:`select_weights`) and check they fit the train-time model key for key;
 2. bake every re-param layer into a stock conv (float64, :mod:`orepa_mm.deploy`) and let the
-   orepa_mm backbones finish their own deploy step (RepVGG's branch fusion);
+   orepa_mm backbones finish their own deploy step (RepVGG's branch fusion); a baked conv bias
+   the stock model has no place for (DBB in a stock ResNet) is folded into the BN after it
+   (:mod:`orepa_mm.apis.bias_fold`);
 3. build the stock model from :func:`~orepa_mm.apis.deploy_config.deploy_config` (dumped and
-   re-read, i.e. exactly the file that will be written), load the baked weights strictly;
-4. run both models on the same input and compare every output (see
-   :mod:`orepa_mm.apis.verification`); optionally export backbone (+neck) to ONNX and check
-   onnxruntime;
+   re-read, i.e. exactly the file that will be written), load the baked weights strictly,
+   serialise its state dict and load those bytes back into a fresh stock model: the artefact;
+4. run the train-time model, the float64 conversion and the artefact on the same input and
+   compare every output (see :mod:`orepa_mm.apis.verification` and :func:`_verify`): the
+   conversion gated in float64 at ``rtol``, the artefact's float32 weights (run in float64)
+   at ``ARTEFACT_RTOL``; optionally export backbone (+neck) to ONNX and check onnxruntime;
 5. only then write ``deploy.pth``, ``deploy_config.py`` (and ``deploy_backbone.onnx``),
-   each through a temporary file in the output directory and ``os.replace``.
+   staged in a fresh temporary directory beside them and moved into place together
+   (:mod:`orepa_mm.tool_io`'s write policy; every name was checked before any work);
+   ``deploy.pth`` is read back from disk first and must hold the verified tensors bit for bit.
 
 Every refusal is a :class:`ReparameterizeError` whose message is one sentence and whose
 ``exit_code`` is what the CLI returns; nothing is written when one is raised.
@@ -22,6 +29,7 @@ Every refusal is a :class:`ReparameterizeError` whose message is one sentence an
 import contextlib
 import copy
 import datetime
+import io
 import os
 import os.path as osp
 import re
@@ -38,9 +46,12 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
-from mmengine.runner.checkpoint import _load_checkpoint
 
+from ..checkpoint_loading import read_checkpoint
 from ..deploy import count_reparameterizable, reparam_sites, reparameterize_model
+from ..tool_io import EXIT_BAD_INPUT as TOOLS_EXIT_BAD_INPUT
+from ..tool_io import OrepaInputError, OutputSet, check_readable_file, first_line, write_files
+from .bias_fold import BiasFoldError, fold_conv_biases
 from .deploy_config import deploy_config
 from .verification import (OUTPUT_GROUPS, OutputError, check_onnx, compare_outputs, complexity,
                            config_input_size, deterministic_image)
@@ -58,8 +69,15 @@ DEFAULT_RTOL = 1e-9
 #: Outputs that cannot run in float64 (float32-only post-processing) and onnxruntime (the
 #: exported float32 graph) are compared in float32: their agreement is float32 rounding.
 FLOAT32_RTOL = ONNX_RTOL = 1e-4
+#: Gate of the written artefact: deploy.pth's float32 weights in the stock model, run in float64
+#: against the float64 train-time outputs. Their rounding to float32 moves outputs by ~1e-7 to
+#: 1e-6; a damaged, swapped or half-precision tensor by 1e-3 or more.
+ARTEFACT_RTOL = 1e-4
+#: The artefact gate's row in the table (the worst output) and the float32 row (information).
+ARTEFACT_ROW = 'deploy.pth as written (float32 weights), worst output'
+FLOAT32_ROW = 'float32 (written weights), worst output'
 
-EXIT_BAD_INPUT = 1
+EXIT_BAD_INPUT = TOOLS_EXIT_BAD_INPUT  # 2 in every tool (orepa_mm.tool_io)
 EXIT_ALREADY_DEPLOYED = 3
 EXIT_VERIFICATION_FAILED = 4
 
@@ -72,7 +90,7 @@ MMDEPLOY_CONFIGS = {
 
 
 # -- errors ----------------------------------------------------------------------------------
-class ReparameterizeError(Exception):
+class ReparameterizeError(OrepaInputError):
     """Bad input: one sentence for the user; ``exit_code`` for the CLI; nothing was written."""
     exit_code = EXIT_BAD_INPUT
 
@@ -92,9 +110,7 @@ class VerificationError(ReparameterizeError):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().strip('"\'')
-    line = text.splitlines()[0].strip() if text else type(exc).__name__
-    return line.rstrip('.')
+    return first_line(exc)
 
 
 def _listing(keys: Sequence[str], limit: int = 3) -> str:
@@ -171,13 +187,15 @@ def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
 
 
 # -- reading inputs ---------------------------------------------------------------------------
+_FIX = {'config': 'pass the train-time config the checkpoint was trained with',
+        'checkpoint': 'pass a checkpoint written by tools/train.py'}
+
+
 def _check_readable(path: str, what: str) -> None:
-    if not osp.exists(path):
-        raise ReparameterizeError(f'{what} {path} does not exist.')
-    if not osp.isfile(path):
-        raise ReparameterizeError(f'{what} {path} is not a file.')
-    if not os.access(path, os.R_OK):
-        raise ReparameterizeError(f'{what} {path} is not readable (permission denied).')
+    try:
+        check_readable_file(path, what, _FIX.get(what, f'pass an existing {what} file'))
+    except OrepaInputError as exc:
+        raise ReparameterizeError(str(exc)) from None
 
 
 def _check_writable_dir(out_dir: str) -> None:
@@ -231,13 +249,13 @@ def _load_config(path: str) -> Config:
 
 
 def _load_checkpoint_file(path: str) -> dict:
-    _check_readable(path, 'checkpoint')
+    """The checkpoint, read as mmengine's loader with orepa_mm's safe unpickler does; one
+    sentence for a missing, empty, truncated, foreign or not-a-dict file, and a malicious one
+    named as refused for safety (:func:`orepa_mm.checkpoint_loading.read_checkpoint`)."""
     try:
-        checkpoint = _load_checkpoint(path, map_location='cpu')
-    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, refused globals
-        raise ReparameterizeError(f'cannot read checkpoint {path}, it is truncated, corrupt '
-                                  f'or not a PyTorch file ({type(exc).__name__}: '
-                                  f'{_first_line(exc)}).') from exc
+        checkpoint = read_checkpoint(path, fix=_FIX['checkpoint'])
+    except OrepaInputError as exc:
+        raise ReparameterizeError(str(exc)) from None
     if not isinstance(checkpoint, dict):
         raise ReparameterizeError(f'checkpoint {path} holds a {type(checkpoint).__name__}, '
                                   'not a state dict.')
@@ -381,37 +399,39 @@ def _save_text(text: str) -> Callable[[str], None]:
     return write
 
 
-def write_atomically(out_dir: str, writers: Dict[str, Callable[[str], None]]) -> Dict[str, str]:
-    """Write every file to a temporary name in ``out_dir``, then ``os.replace`` them all.
-
-    On any failure the temporaries are removed, and ``out_dir`` too when this call created it.
+def write_atomically(out_dir: str, writers: Dict[str, Callable[[str], None]],
+                     optional: Sequence[str] = ()) -> Dict[str, str]:
+    """Write ``{name: write(path)}`` into ``out_dir`` under the tools' write policy
+    (:class:`orepa_mm.tool_io.OutputSet`): staged in a fresh temporary directory beside the
+    targets, moved into place together, the previous files kept until then and restored on
+    any failure or interrupt; a missing ``out_dir`` appears only with its files. ``optional``
+    names without a writer are removed when present (an earlier run's stale output).
     """
-    created = []
-    probe = osp.abspath(out_dir)
-    while not osp.exists(probe):
-        created.append(probe)
-        probe = osp.dirname(probe)
-    temporaries: Dict[str, str] = {}
+    targets = {osp.join(out_dir, name): write for name, write in writers.items()}
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out_dir)
-            os.close(fd)
-            temporaries[name] = tmp
-            write(tmp)
-        finals = {}
-        for name, tmp in temporaries.items():
-            finals[name] = osp.join(out_dir, name)
-            os.replace(tmp, finals[name])
-        return finals
-    except BaseException:
-        for tmp in temporaries.values():
-            if osp.exists(tmp):
-                os.unlink(tmp)
-        for folder in created:  # deepest first
-            if osp.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+        finals = write_files(targets, flags={path: '--out' for path in targets},
+                             optional=[osp.join(out_dir, name) for name in optional],
+                             fix='pass --out another directory')
+    except ReparameterizeError:
         raise
+    except OrepaInputError as exc:
+        raise ReparameterizeError(str(exc)) from None
+    return {name: finals[path] for name, path in zip(writers, targets)}
+
+
+def _check_outputs(out_dir: str) -> None:
+    """Every name the run will write (or replace) in ``out_dir``, checked before any work: a
+    directory or an immutable file in place of ``deploy_config.py`` is found here, not after
+    ``deploy.pth`` was replaced."""
+    if not out_dir.strip():
+        raise ReparameterizeError('--out is empty; name the output directory.')
+    outputs = OutputSet('pass --out another directory')
+    for name in (DEPLOY_CHECKPOINT, DEPLOY_CONFIG, DEPLOY_ONNX):
+        outputs.add(osp.join(out_dir, name), '--out')
+    try:
+        outputs.check()
+    except OrepaInputError as exc:
+        raise ReparameterizeError(str(exc)) from None
 
 
 # -- the conversion ----------------------------------------------------------------------------
@@ -452,7 +472,9 @@ def reparameterize_checkpoint(config: str,
         use_ema: True: require and use EMA weights; False: the raw weights; None: EMA if any.
         device: 'cpu' or 'cuda' for building and verifying.
         input_size: (H, W) of the verification input; default: the config's test size.
-        rtol: largest relative error accepted for any output, compared in float64\n            (onnxruntime, float32 only, is checked against ONNX_RTOL).
+        rtol: largest relative error of the conversion, any output compared in float64 (the
+            written float32 weights are gated at ARTEFACT_RTOL, outputs that cannot run in
+            float64 at FLOAT32_RTOL, onnxruntime at ONNX_RTOL).
         export_onnx: also export backbone (+ neck) to ONNX and check it with onnxruntime.
         verbose: log the steps, the progress bar and the comparison.
 
@@ -462,6 +484,7 @@ def reparameterize_checkpoint(config: str,
     """
     _check_args(device, input_size, rtol)
     _check_writable_dir(out_dir)
+    _check_outputs(out_dir)
     cfg = _load_config(config)
     ckpt = _load_checkpoint_file(checkpoint)
     meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
@@ -484,6 +507,9 @@ def reparameterize_checkpoint(config: str,
     model.eval()
     _log(f'weights: {weights}', verbose)
     num_baked = _convert_into(stock, model, config, verbose)
+    # Everything below runs on what deploy.pth will hold, read back from its bytes.
+    written_state = _written_state(stock)
+    stock = _artefact_model(deployed_cfg, written_state, device)
 
     if input_size is None:
         size, size_source = config_input_size(cfg)
@@ -514,22 +540,27 @@ def reparameterize_checkpoint(config: str,
             layers=num_baked,
             input_size=list(size),
             rtol=rtol,
+            artefact_rtol=ARTEFACT_RTOL,
+            float32_rtol=FLOAT32_RTOL,
             max_rel_error=max([e.rel for e in errors if e.gated and e.tolerance is None],
                               default=0.0),
+            artefact_max_rel_error=max([e.rel for e in errors if e.name == ARTEFACT_ROW],
+                                       default=None),
             float32_max_rel_error=max([e.rel for e in errors if e.name.startswith('float32')
-                                       or e.tolerance is not None], default=None),
+                                       or e.tolerance == FLOAT32_RTOL], default=None),
             onnx_max_rel_error=max([e.rel for e in onnx_errors], default=None),
             errors={e.name: e.as_dict() for e in errors + onnx_errors},
         )
         new_meta = _plain(copy.deepcopy(meta))
         new_meta['reparameterized'] = record
         writers = {
-            DEPLOY_CHECKPOINT: _save_checkpoint(dict(meta=new_meta, state_dict=stock.state_dict())),
+            DEPLOY_CHECKPOINT: _verified_on_disk(
+                _save_checkpoint(dict(meta=new_meta, state_dict=written_state)), written_state),
             DEPLOY_CONFIG: _save_text(deployed_text),
             **writers,
         }
         try:
-            finals = write_atomically(out_dir, writers)
+            finals = write_atomically(out_dir, writers, optional=(DEPLOY_ONNX, ))
         except OSError as exc:
             raise ReparameterizeError(f'cannot write to {out_dir} '
                                       f'({exc.strerror or _first_line(exc)}).') from exc
@@ -553,12 +584,23 @@ def _deployed_config(cfg: Config, config: str) -> Tuple[str, Config]:
                                   f'({type(exc).__name__}: {_first_line(exc)}).') from exc
 
 
+def _baked(model: nn.Module, stock_keys: Sequence[str], progress: bool = False) -> nn.Module:
+    """A copy of ``model`` with every re-param layer baked (float64 arithmetic, cast back to the
+    model's dtype) and the conv biases the stock model has no place for folded into the BN
+    after them (a DBB conv in a stock ResNet, see :mod:`orepa_mm.apis.bias_fold`)."""
+    deployed = reparameterize_model(copy.deepcopy(model), progress=progress)
+    try:
+        fold_conv_biases(deployed, set(stock_keys))
+    except BiasFoldError as exc:
+        raise ReparameterizeError(f'cannot deploy into the stock model: {exc}.') from exc
+    return deployed
+
+
 def _convert_into(stock: nn.Module, model: nn.Module, config: str, verbose: bool) -> int:
     """Bake a copy of ``model`` and load it strictly into ``stock``; returns the layer count."""
-    deployed = copy.deepcopy(model)
-    num_baked = len(list(reparam_sites(deployed)))
+    num_baked = len(list(reparam_sites(model)))
     _log(f'baking {num_baked} re-param layers in float64', verbose)
-    reparameterize_model(deployed, progress=verbose)
+    deployed = _baked(model, list(stock.state_dict()), progress=verbose)
     missing, unexpected = stock.load_state_dict(deployed.state_dict(), strict=False)
     if missing or unexpected:
         raise ReparameterizeError(
@@ -570,11 +612,60 @@ def _convert_into(stock: nn.Module, model: nn.Module, config: str, verbose: bool
     return num_baked
 
 
+def _written_state(stock: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict ``deploy.pth`` will hold, read back from its serialised bytes
+    (``torch.save``, then ``torch.load(weights_only=True)`` as stock mmengine loads it; CPU
+    tensors). The float32 gate runs on exactly these tensors, and the file is checked to hold
+    them bit for bit once written (:func:`_verified_on_disk`)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in stock.state_dict().items()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location='cpu', weights_only=True)
+
+
+def _artefact_model(deployed_cfg: Config, state: Dict[str, torch.Tensor],
+                    device: str) -> nn.Module:
+    """What a user gets from ``deploy_config.py`` + ``deploy.pth``: a fresh stock model built
+    from the deployed config, ``state`` loaded strictly. Nothing of the conversion's own model
+    object (its buffers, its modules) reaches the gate."""
+    artefact = _build_model(deployed_cfg, device, 'deployed (stock)')
+    artefact.load_state_dict(state, strict=True)
+    artefact.eval()
+    return artefact
+
+
+def _differing(expected: Dict[str, torch.Tensor], actual: Any) -> List[str]:
+    """Keys whose tensors are not identical (dtype, shape, bits) or present on one side only."""
+    actual = actual if isinstance(actual, dict) else {}
+    keys = sorted(set(expected) | set(actual))
+    return [k for k in keys
+            if k not in expected or not isinstance(actual.get(k), torch.Tensor)
+            or actual[k].dtype != expected[k].dtype or actual[k].shape != expected[k].shape
+            or not torch.equal(actual[k], expected[k])]
+
+
+def _verified_on_disk(write: Callable[[str], None],
+                      state: Dict[str, torch.Tensor]) -> Callable[[str], None]:
+    """``write``, then read the written file back from disk and refuse (nothing lands) unless
+    its ``state_dict`` is exactly ``state``, the tensors the float32 gate ran on."""
+
+    def write_and_check(path: str) -> None:
+        write(path)
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+        differing = _differing(state, saved.get('state_dict') if isinstance(saved, dict) else None)
+        if differing:
+            raise VerificationError(
+                f'{DEPLOY_CHECKPOINT} as read back from disk does not hold the verified weights '
+                f'({len(differing)} tensors differ: {_listing(differing)}); nothing written.')
+
+    return write_and_check
+
+
 def _exact_copies(model: nn.Module, stock: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """float64 copies of the train-time model and of the deployed one, the latter loaded with
     kernels baked in float64 and kept in float64 (no cast to the checkpoint's fp32)."""
     model64 = copy.deepcopy(model).double().eval()
-    baked64 = reparameterize_model(copy.deepcopy(model64))
+    baked64 = _baked(model64, list(stock.state_dict()))
     stock64 = copy.deepcopy(stock).double()
     stock64.load_state_dict(baked64.state_dict(), strict=True)
     return model64, stock64.eval()
@@ -603,15 +694,15 @@ def _true_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _exact_outputs(model64: nn.Module, stock64: nn.Module, image: torch.Tensor):
-    """Both float64 models' outputs, as far as the model runs in float64: some
+def _exact_outputs(models: Sequence[Tuple[nn.Module, str]],
+                   image: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    """The float64 models' outputs, as far as the model runs in float64: some
     post-processing (mmcv's NMS in an RPN or in ``predict``) has float32-only kernels, so the
     groups from the first that fails on are left to the float32 comparison."""
     for last in range(len(OUTPUT_GROUPS), 0, -1):
         groups = OUTPUT_GROUPS[:last]
         try:
-            return (_outputs(model64, image, torch.float64, 'train-time', groups),
-                    _outputs(stock64, image, torch.float64, 'deployed', groups))
+            return [_outputs(m, image, torch.float64, what, groups) for m, what in models]
         except ReparameterizeError:
             if last == 1:
                 raise
@@ -622,17 +713,35 @@ def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float
             verbose: bool) -> List[OutputError]:
     """Every output of both models on ``image``; :class:`VerificationError` beyond the gates.
 
-    Gated in float64 (both models, kernels baked in float64): rounding, TF32 convolutions and
-    the order of float32 sums cannot touch it, so a conversion is exact to ~1e-12 and any
-    structural mistake stands out by orders of magnitude. Outputs whose computation cannot run
-    in float64 (mmcv's float32-only NMS) are gated in float32 with TF32 off, at
-    ``FLOAT32_RTOL``. The float32 agreement of the written (fp32) weights on the outputs
-    compared in float64 is reported beside it, for information.
+    ``stock`` is the artefact: the stock model holding exactly the tensors ``deploy.pth`` will
+    hold (:func:`_artefact_model`). Gates, all of which must pass:
+
+    * the conversion, in float64 (both models, kernels baked in float64 and kept in float64):
+      rounding, TF32 convolutions and the order of float32 sums cannot touch it, so a
+      conversion is exact to ~1e-12 and any structural mistake stands out by orders of
+      magnitude (``rtol``);
+    * the artefact: its float32 weights, cast exactly to float64 and run in float64, against
+      the same float64 train-time outputs. Only the rounding of the weights to float32 is left
+      (~1e-7..1e-6), while float32 activations would add 1e-6..2e-4 of noise on deep models;
+      a damaged, swapped or half-precision tensor is beyond ``ARTEFACT_RTOL`` by orders of
+      magnitude. One row, the worst output (``ARTEFACT_ROW``);
+    * outputs whose computation cannot run in float64 (mmcv's float32-only NMS): the artefact
+      in float32 with TF32 off against the float32 train-time model, at ``FLOAT32_RTOL``.
+
+    The float32 agreement on the other outputs (what a float32 user sees) is reported beside,
+    for information.
     """
     model64, stock64 = _exact_copies(model, stock)
-    reference, actual = _exact_outputs(model64, stock64, image)
-    del model64, stock64
+    artefact64 = copy.deepcopy(stock).double().eval()  # float32 -> float64 is exact
+    reference, actual, written = _exact_outputs(
+        [(model64, 'train-time'), (stock64, 'deployed'), (artefact64, 'deployed')], image)
+    del model64, stock64, artefact64
     errors = compare_outputs(reference, actual)
+    gated = [e for e in compare_outputs(reference, written) if e.gated]
+    if gated:
+        worst = max(gated, key=lambda e: e.rel)
+        errors.append(OutputError(ARTEFACT_ROW, worst.max_abs, worst.rel,
+                                  tolerance=ARTEFACT_RTOL, note=worst.name))
     fp32 = compare_outputs(_outputs(model, image, torch.float32, 'train-time'),
                            _outputs(stock, image, torch.float32, 'deployed'))
     for error in fp32:
@@ -643,20 +752,28 @@ def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float
     informative = [e for e in fp32 if e.gated and e.name in reference]
     if informative:
         worst = max(informative, key=lambda e: e.rel)
-        errors.append(OutputError('float32 (written weights), worst output', worst.max_abs,
-                                  worst.rel, gated=False, note=worst.name))
+        errors.append(OutputError(FLOAT32_ROW, worst.max_abs, worst.rel, gated=False,
+                                  note=worst.name))
     _log('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
          verbose)
     failed = [e for e in errors if not e.passes(rtol)]
     if failed:
-        worst = max(failed, key=lambda e: e.rel)
-        gate = rtol if worst.tolerance is None else worst.tolerance
-        precision = 'float64' if worst.tolerance is None else 'float32'
-        raise VerificationError(
-            f'the deployed model differs from the train-time model: {len(failed)} outputs '
-            f'beyond their tolerance (worst {worst.name}, relative error {worst.rel:.3g} in '
-            f'{precision}, rtol {gate:g}); nothing written.', errors)
+        raise VerificationError(_failure_message(failed, rtol), errors)
     return errors
+
+
+def _failure_message(failed: Sequence[OutputError], rtol: float) -> str:
+    worst = max(failed, key=lambda e: e.rel)
+    if worst.name == ARTEFACT_ROW:
+        what = f'{worst.note} of {DEPLOY_CHECKPOINT} as written'
+        precision = 'float64 from its float32 weights'
+    else:
+        what = worst.name
+        precision = 'float64' if worst.tolerance is None else 'float32'
+    gate = rtol if worst.tolerance is None else worst.tolerance
+    return (f'the deployed model differs from the train-time model: {len(failed)} outputs '
+            f'beyond their tolerance (worst {what}, relative error {worst.rel:.3g} in '
+            f'{precision}, rtol {gate:g}); nothing written.')
 
 
 def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str,
