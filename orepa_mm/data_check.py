@@ -16,13 +16,15 @@ import os.path as osp
 from importlib import import_module
 from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
+from .tool_io import OrepaInputError
+
 __all__ = ['MissingDatasetError', 'check_dataset_paths', 'iter_dataset_paths']
 
 DATASETS_DOC = "docs/configs.md (section 'Datasets')"
 SPLITS = ('train', 'val', 'test')
 
 
-class MissingDatasetError(FileNotFoundError):
+class MissingDatasetError(OrepaInputError, FileNotFoundError):
     """A dataset path named by the config does not exist.
 
     ``str(err)`` is the single sentence the tools print; ``path`` and

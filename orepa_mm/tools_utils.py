@@ -25,12 +25,11 @@ from mmengine.logging import print_log
 
 from .checkpoint_check import check_checkpoint_paths, iter_pretrained_checkpoints
 from .checkpoint_loading import checkpoint_weights, read_checkpoint
-from .data_check import MissingDatasetError
 from .tool_io import (EXIT_BAD_INPUT, OrepaInputError, OutputSet, check_readable_file,
                       first_line)
 
 __all__ = [
-    'REFUSALS', 'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args',
+    'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args',
     'add_dump_results', 'build_runner', 'check_checkpoint_fits', 'check_checkpoints',
     'check_work_dir', 'config_scope', 'load_config', 'parse_test_args', 'parse_train_args',
     'check_test_outputs', 'train_splits'
@@ -40,8 +39,6 @@ SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
 # Exit status for errors the user can fix (orepa_mm.tool_io.EXIT_BAD_INPUT: argparse's).
 USER_ERROR_EXIT = EXIT_BAD_INPUT
-#: Refusals raised by modules outside this package's error hierarchy (for ``run_tool``).
-REFUSALS = (MissingDatasetError, )
 TRAIN_FIX = 'pass a checkpoint written by tools/train.py'
 
 

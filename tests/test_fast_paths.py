@@ -1,8 +1,9 @@
 """The fast CPU paths of kernel generation against the reference path.
 
 The online/offline tests run in float64, which takes the PyTorch reference path (torch.mm,
-no fused loops). Here float32 layers, which take the fused loops of orepa_mm/csrc, must match the same layers in float64; and those ops must be well-formed
-dispatcher ops for torch.compile (tests/test_compile.py compiles them)."""
+no fused loops). Here float32 layers, which take the fused loops of orepa_mm/csrc, must match
+the same layers in float64; and those ops must be well-formed dispatcher ops for torch.compile
+(tests/test_compile.py compiles them)."""
 import os
 
 import pytest

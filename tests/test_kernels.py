@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from orepa_mm.cnn import kernels
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     previous = torch.get_default_dtype()

@@ -18,8 +18,6 @@ DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason='no CUDA device'))]
 
 
-
-
 # -- offline (feature-space) references ---------------------------------------------------------
 def _scaled(y, v):
     return y * v.view(1, -1, 1, 1)

@@ -28,7 +28,7 @@ from orepa_mm.checkpoint_loading import \
     register_safe_checkpoint_loader  # noqa: E402
 from orepa_mm.data_check import check_dataset_paths  # noqa: E402
 from orepa_mm.tool_io import run_tool  # noqa: E402
-from orepa_mm.tools_utils import (REFUSALS, add_dump_results,  # noqa: E402
+from orepa_mm.tools_utils import (add_dump_results,  # noqa: E402
                                   apply_test_args, build_runner,
                                   check_checkpoint_fits, check_checkpoints,
                                   load_config, parse_test_args,
@@ -54,7 +54,7 @@ def test(argv=None) -> None:
 
 
 def main(argv=None) -> int:
-    return run_tool(lambda: test(argv), REFUSALS)
+    return run_tool(lambda: test(argv))
 
 
 if __name__ == '__main__':

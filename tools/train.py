@@ -25,7 +25,7 @@ from orepa_mm.checkpoint_loading import \
     register_safe_checkpoint_loader  # noqa: E402
 from orepa_mm.data_check import check_dataset_paths  # noqa: E402
 from orepa_mm.tool_io import run_tool  # noqa: E402
-from orepa_mm.tools_utils import (REFUSALS, apply_train_args,  # noqa: E402
+from orepa_mm.tools_utils import (apply_train_args,  # noqa: E402
                                   build_runner, check_checkpoints,
                                   config_scope, load_config, parse_train_args,
                                   train_splits)
@@ -45,7 +45,7 @@ def train(argv=None) -> None:
 
 
 def main(argv=None) -> int:
-    return run_tool(lambda: train(argv), REFUSALS)
+    return run_tool(lambda: train(argv))
 
 
 if __name__ == '__main__':

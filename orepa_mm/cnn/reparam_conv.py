@@ -259,4 +259,3 @@ class ReparamConv2d(BaseModule):
         if self.bias is None:
             s += ', bias=False'
         return s
-
