@@ -24,7 +24,7 @@ from .tool_io import OrepaInputError
 
 __all__ = [
     'CheckpointKind', 'MissingCheckpointError', 'check_checkpoint_paths', 'describe_checkpoint',
-    'iter_pretrained_checkpoints'
+    'iter_pretrained_checkpoints', 'state_dict_mismatch'
 ]
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -275,3 +275,28 @@ def describe_checkpoint(checkpoint: Any) -> Optional[CheckpointKind]:
             'runner', f'an mmengine runner checkpoint of {of}' +
             (f' ({progress})' if progress else ''))
     return None
+
+
+def _listing(keys, limit: int = 3) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def state_dict_mismatch(expected: Mapping, given: Mapping) -> Optional[str]:
+    """How ``given`` (a state dict, ``module.`` prefixes allowed) fails to fit a model whose
+    state dict is ``expected``, key for key and shape for shape, in a few words; None if it
+    fits. (mmengine loads what matches and only warns; torch's message lists every key.)"""
+    given = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in given.items()}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+             if k in given and hasattr(given[k], 'shape')
+             and tuple(given[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's keys are missing ({_listing(missing)})")
+    if unexpected:
+        parts.append(f'{len(unexpected)} keys are unexpected ({_listing(unexpected)})')
+    if wrong:
+        parts.append(f'{len(wrong)} have other shapes ({_listing(wrong)})')
+    return ', '.join(parts) or None

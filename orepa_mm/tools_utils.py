@@ -23,7 +23,8 @@ from typing import Mapping, Optional, Sequence
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
-from .checkpoint_check import check_checkpoint_paths, iter_pretrained_checkpoints
+from .checkpoint_check import (check_checkpoint_paths, iter_pretrained_checkpoints,
+                               state_dict_mismatch)
 from .checkpoint_loading import checkpoint_weights, read_checkpoint
 from .tool_io import (EXIT_BAD_INPUT, OrepaInputError, OutputSet, check_readable_file,
                       first_line)
@@ -478,17 +479,11 @@ def _inner_model_cfg(cfg: Config):
     return model
 
 
-def _listing(keys: Sequence[str], limit: int = 3) -> str:
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
-
-
 def check_checkpoint_fits(cfg: Config, state: Mapping, checkpoint: str,
                           config: str) -> None:
     """Refuse a checkpoint whose weights do not fit the config's model key for key and
     shape for shape (mmengine would load what matches, warn on stdout and test a model that
     is partly random: mAP 0.000, exit 0)."""
-    import torch
     from mmengine.registry import MODELS, DefaultScope
     try:
         with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
@@ -496,24 +491,11 @@ def check_checkpoint_fits(cfg: Config, state: Mapping, checkpoint: str,
     except Exception as exc:  # noqa: BLE001 - unknown types, bad arguments
         raise ToolError(f'cannot build the model of {config} ({type(exc).__name__}: '
                         f'{first_line(exc)}); fix the model section of the config.') from None
-    expected = model.state_dict()
-    given = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    wrong = [f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-             if k in given and isinstance(given[k], torch.Tensor)
-             and tuple(given[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or wrong):
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch is None:
         return
-    parts = []
-    if missing:
-        parts.append(f'{len(missing)} of the model\'s keys are missing ({_listing(missing)})')
-    if unexpected:
-        parts.append(f'{len(unexpected)} keys are unexpected ({_listing(unexpected)})')
-    if wrong:
-        parts.append(f'{len(wrong)} have other shapes ({_listing(wrong)})')
     raise ToolError(f'checkpoint {checkpoint} does not fit the model of {config}: '
-                    + ', '.join(parts) + '; pass the checkpoint tools/train.py wrote for this '
+                    f'{mismatch}; pass the checkpoint tools/train.py wrote for this '
                     'config, or the config the checkpoint was trained with.')
 
 

@@ -281,6 +281,18 @@ def test_a_train_time_model_is_refused(tmp_path, capsys, one_thread):
     assert not out.exists()
 
 
+def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys, one_thread):
+    write_images(str(tmp_path / 'data'))
+    folder = classifier_dir(tmp_path, val=VAL.format(root=tmp_path / 'data'))
+    state = torch.load(folder / 'deploy.pth', weights_only=True)
+    state['state_dict'].pop('head.fc.bias')
+    state['state_dict']['head.extra'] = torch.zeros(1)
+    torch.save(state, folder / 'deploy.pth')
+    code, _, err = run_tool([str(folder)], capsys)
+    assert_one_sentence(code, err, 'missing (head.fc.bias)')
+    assert 'unexpected (head.extra)' in err and 're-create the directory' in err
+
+
 def test_bad_numbers_are_refused(tmp_path, capsys):
     code, _, err = run_tool([str(tmp_path), '--calib', '0'], capsys)
     assert_one_sentence(code, err, 'at least 1')

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..checkpoint_check import state_dict_mismatch
 from ..deploy import count_reparameterizable
 from ..tool_io import OrepaInputError, OutputSet
 from .reparameterize import (DEPLOY_CHECKPOINT, DEPLOY_CONFIG, ReparameterizeError,
@@ -809,11 +810,12 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
     model = _build_model(cfg, 'cpu', 'deployed')
     _check_deployed(model, config)
     state = _revise_keys(_state_dict_of(_load_checkpoint_file(checkpoint), checkpoint))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise QuantizationCheckError(f'checkpoint {checkpoint} does not fit {config} '
-                                     f'({_first_line(exc)}).') from None
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        raise QuantizationCheckError(f'checkpoint {checkpoint} does not fit {config}: '
+                                     f'{mismatch}; re-create the directory with '
+                                     'tools/reparameterize.py.')
+    model.load_state_dict(state, strict=True)
     model.eval()
 
     calib_ids, test_ids, overlap = _split(len(dataset), calib, images)
