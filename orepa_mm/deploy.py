@@ -45,6 +45,25 @@ def _structural_blocks(module: nn.Module) -> List[nn.Module]:
     return found
 
 
+def check_structural_block(block: nn.Module) -> None:
+    """Refuse a structural block whose fusion would be silently wrong.
+
+    Such blocks (RepVGG's) fuse their branches by reading each branch conv's ``weight`` and
+    writing the result into a conv of their ``conv_cfg``; they ignore conv biases. A re-param
+    layer with ``folds_bias = True`` (DBB: its branch BatchNorms fold into a bias) would lose it.
+    Blocks whose ``switch_to_deploy`` is this walk (``deploys_by_walk``: OREPAResNet) bake
+    biases as they are.
+    """
+    if getattr(block, 'deploys_by_walk', False):
+        return
+    for name, layer in block.named_modules():
+        if getattr(layer, 'folds_bias', False):
+            raise TypeError(f'{type(block).__name__} cannot be deployed with the '
+                            f'{type(layer).__name__} layer at {name or "its root"}, because its '
+                            "branch fusion drops the bias that layer folds from its BatchNorms; "
+                            "train it with conv_cfg=dict(type='OREPA') or conv_cfg=None instead.")
+
+
 def _bake(model: nn.Module, bar) -> int:
     sites = list(reparam_sites(model))
     for parent, name, layer in sites:
@@ -66,6 +85,8 @@ def reparameterize_model(model: nn.Module, progress: bool = False) -> nn.Module:
     if is_reparameterizable(model):
         return model.to_conv2d()
     blocks = _structural_blocks(model)
+    for block in blocks:
+        check_structural_block(block)
     total = len(list(reparam_sites(model)))
     bar = ProgressBar(total, file=sys.stdout) if progress and total else None
     _bake(model, bar)

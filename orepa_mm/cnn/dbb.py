@@ -5,7 +5,7 @@ BatchNorm and runs on the feature map during training, so its cost grows with th
 It exists here so that plain / DBB / OREPA are compared inside the same host model
 (``tools/benchmark.py``); deploying folds every branch BN into one ``nn.Conv2d`` with bias.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,9 +17,17 @@ from .kernels import average_kernel, compose_1x1_kxk, fold_batch_norm, grouped_i
 from .reparam_conv import ReparamConv2d
 
 
-def _fold(kernel: Tensor, bn: nn.BatchNorm2d, bias=None):
+def _fold(kernel: Tensor, bn: nn.Module, bias=None):
+    """Fold ``bn`` after a conv (``kernel``, ``bias``); ``bn`` may already be fused into that
+    conv by mmcv's ``fuse_conv_bn`` (then it is an ``nn.Identity`` and the bias is the conv's)."""
+    if isinstance(bn, nn.Identity):
+        return kernel, bias if bias is not None else kernel.new_zeros(kernel.shape[0])
     return fold_batch_norm(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                            bn.eps)
+
+
+def _plus(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else a if b is None else a + b
 
 
 class BNAndPad(nn.Module):
@@ -51,7 +59,14 @@ class DBBConv2d(ReparamConv2d):
 
     Branches, each ending in its own BN: origin kxk; 1x1 (when groups < out_channels);
     1x1 -> BN&pad -> kxk average; identity-based 1x1 -> BN&pad -> kxk.
+
+    Its function in eval mode is a conv with ``weight`` *and* the bias folded from the branch
+    BNs (``equivalent_kernel_bias()``; ``to_conv2d()`` bakes both), so ``folds_bias`` is True:
+    structures that fuse convs but drop biases (RepVGG's fusion) refuse it. Its ``weight``
+    cannot be written and a stock checkpoint cannot initialise it (both raise).
     """
+
+    folds_bias = True
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None,
                  dilation=1, groups=1, bias=False, init_cfg=None):
@@ -64,6 +79,10 @@ class DBBConv2d(ReparamConv2d):
         super().__init__(in_channels, out_channels, k, stride, padding, dilation, groups, bias,
                          init_cfg)
         i_g = in_channels // groups
+        # Registration order matters to mmcv's fuse_conv_bn, which fuses each BN child into
+        # the last conv child before it: every BN below directly follows its own conv, or
+        # follows a fused pair (avg_bn is registered before avg_1x1, whose output it never
+        # sees directly: pad and pool come between).
         self.origin = nn.Conv2d(in_channels, out_channels, k, stride, padding, groups=groups,
                                 bias=False)
         self.origin_bn = nn.BatchNorm2d(out_channels)
@@ -72,20 +91,25 @@ class DBBConv2d(ReparamConv2d):
             self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride, groups=groups,
                                       bias=False)
             self.conv_1x1_bn = nn.BatchNorm2d(out_channels)
+            self.avg_bn = nn.BatchNorm2d(out_channels)
             self.avg_1x1 = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False)
             self.avg_pad = BNAndPad(out_channels, padding)
             self.avg_pool = nn.AvgPool2d(k, stride)
         else:
             self.avg_pool = nn.AvgPool2d(k, stride, padding)
-        self.avg_bn = nn.BatchNorm2d(out_channels)
+            self.avg_bn = nn.BatchNorm2d(out_channels)
         # Identity-based first 1x1 of the 1x1 -> kxk branch: weight = residual + identity.
         self.expand_1x1_residual = nn.Parameter(torch.zeros(in_channels, i_g, 1, 1))
-        self.register_buffer('expand_identity', grouped_identity(in_channels, i_g),
-                             persistent=False)
+        for name, value in self._constant_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.expand_pad = BNAndPad(in_channels, padding)
         self.expand_kxk = nn.Conv2d(in_channels, out_channels, k, stride, groups=groups,
                                     bias=False)
         self.expand_bn = nn.BatchNorm2d(out_channels)
+
+    def _constant_buffers(self):
+        return {'expand_identity': grouped_identity(self.in_channels,
+                                                    self.in_channels // self.groups)}
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.origin_bn(self.origin(x))
@@ -104,13 +128,22 @@ class DBBConv2d(ReparamConv2d):
     def generate_kernel(self) -> Tensor:
         return self.equivalent_kernel_bias()[0]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + 'weight' in state_dict and prefix + 'origin.weight' not in state_dict:
+            # Raised, not reported: mmengine's non-strict loading only warns about keys, and a
+            # DBB layer left at its random init would then be silently wrong.
+            raise TypeError(f'{prefix}weight is a stock conv weight, which cannot initialise the '
+                            'DBB layer there (its branches have their own BatchNorms); build '
+                            'that model with conv_cfg=None to start from stock weights.')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
         k, g = self.kernel_size[0], self.groups
-        kernel, bias = _fold(self.origin.weight, self.origin_bn)
+        kernel, bias = _fold(self.origin.weight, self.origin_bn, self.origin.bias)
         avg = average_kernel(self.out_channels if self.with_1x1 else self.in_channels, k,
                              g if self.with_1x1 else self.groups).to(kernel)
         if self.with_1x1:
-            k1, b1 = _fold(self.conv_1x1.weight, self.conv_1x1_bn)
+            k1, b1 = _fold(self.conv_1x1.weight, self.conv_1x1_bn, self.conv_1x1.bias)
             kernel, bias = kernel + pad_to_kernel_size(k1, k), bias + b1
             first, first_bias = _fold(self.avg_1x1.weight, self.avg_pad.bn)
             # avg pool of (1x1 conv + bias): per-channel average, so compose then fold.
@@ -123,7 +156,8 @@ class DBBConv2d(ReparamConv2d):
         first, first_bias = _fold(first, self.expand_pad.bn)
         k_exp = compose_1x1_kxk(first.flatten(1), self.expand_kxk.weight, g)
         k_exp, b_exp = _fold(k_exp, self.expand_bn,
-                             _through_kernel(first_bias, self.expand_kxk.weight))
+                             _plus(_through_kernel(first_bias, self.expand_kxk.weight),
+                                   self.expand_kxk.bias))
         kernel, bias = kernel + k_exp, bias + b_exp
         if self.bias is not None:
             bias = bias + self.bias

@@ -40,8 +40,19 @@ def _init_kaiming(param: Tensor, a: float, gain: float = 1.0):
 
 
 def _branch_state(layer: nn.Module) -> Dict[str, Tensor]:
-    """Copies of the layer's branch parameters (every parameter but ``bias``), by name."""
-    return {name: p.detach().clone() for name, p in layer.named_parameters() if name != 'bias'}
+    """Copies of the layer's branch parameters (every parameter but ``bias``), by name, with
+    non-finite values (a diverged run) set to 0: a stock weight loads with every other branch
+    scaled to 0, which is exact only for finite branches (0 * NaN is NaN)."""
+    state = {}
+    for name, p in layer.named_parameters():
+        if name == 'bias':
+            continue
+        if p.is_meta:
+            raise ValueError(f'{type(layer).__name__}.{name} is on the meta device, so a stock '
+                             'weight cannot be loaded around it; materialise the model first '
+                             '(model.to_empty(device=...), then init_weights()).')
+        state[name] = torch.nan_to_num(p.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    return state
 
 
 class _StockWeightLoadingMixin:
@@ -148,27 +159,34 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
             # The first factor is identity + this residual, so it starts as the identity.
             self.expand_1x1_residual = nn.Parameter(torch.zeros(t, i_g, 1, 1))
             self.expand_kxk = nn.Parameter(torch.empty(o, t // groups, k, k))
-            self.register_buffer('expand_identity', grouped_identity(t, i_g), persistent=False)
         if '1x1' in self.branches:
             self.conv_1x1 = nn.Parameter(torch.empty(o, i_g, 1, 1))
         if 'dws' in self.branches:
             self.dw_kxk = nn.Parameter(torch.empty(in_channels * e, 1, k, k))
             self.pw_1x1 = nn.Parameter(torch.empty(o, in_channels * e // groups, 1, 1))
         self.branch_scales = nn.Parameter(torch.empty(len(self.branches), o))
-        # Fixed spatial patterns (nb, O, k*k) of the branches that are a 1x1 matrix times a
-        # pattern: average, frequency prior, centred 1x1.
         self.small_branches = tuple(b for b in self.branches if b in SMALL_BRANCH_PARAMS)
-        patterns = {'avg': torch.full((o, k * k), 1.0 / (k * k)),
-                    'prior': frequency_prior(o, k).flatten(1),
-                    '1x1': pad_to_kernel_size(torch.ones(o, 1, 1), k).flatten(1)}
-        self.register_buffer('small_patterns',
-                             torch.stack([patterns[b] for b in self.small_branches])
-                             if self.small_branches else None, persistent=False)
-        # Their rows in branch_scales, on the layer's device (no host-to-device copy in forward).
-        self.register_buffer('small_rows', torch.tensor(
-            [self.branches.index(b) for b in self.small_branches], dtype=torch.long),
-            persistent=False)
+        for name, value in self._constant_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.reset_parameters(kaiming_a, kernel_init_gain, scale_init_gain, single_init)
+
+    def _constant_buffers(self) -> Dict[str, Tensor]:
+        o, k = self.out_channels, self.kernel_size[0]
+        constants = {'small_patterns': None}
+        if '1x1_kxk' in self.branches:
+            constants['expand_identity'] = grouped_identity(self.internal_channels,
+                                                            self.in_channels // self.groups)
+        if self.small_branches:
+            # Fixed spatial patterns (nb, O, k*k) of the branches that are a 1x1 matrix times a
+            # pattern: average, frequency prior, centred 1x1.
+            patterns = {'avg': torch.full((o, k * k), 1.0 / (k * k)),
+                        'prior': frequency_prior(o, k).flatten(1),
+                        '1x1': pad_to_kernel_size(torch.ones(o, 1, 1), k).flatten(1)}
+            constants['small_patterns'] = torch.stack([patterns[b] for b in self.small_branches])
+        # Their rows in branch_scales, on the layer's device (no host-to-device copy in forward).
+        constants['small_rows'] = torch.tensor(
+            [self.branches.index(b) for b in self.small_branches], dtype=torch.long)
+        return constants
 
     def reset_parameters(self, kaiming_a=0.0, kernel_init_gain=1.0, scale_init_gain=1.0,
                          single_init=False):
@@ -314,7 +332,8 @@ class OREPALargeConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         kernel = self.stem_layers[0].generate_kernel()
         for layer in self.stem_layers[1:]:
             kernel = compose_stacked(kernel, layer.generate_kernel())
-        return kernel + self.origin * self.origin_scale.view(-1, 1, 1, 1)
+        # Contiguous like a stock conv's weight (composing transposes): weight.view(-1) works.
+        return (kernel + self.origin * self.origin_scale.view(-1, 1, 1, 1)).contiguous()
 
     def stock_state(self, weight: Tensor) -> Dict[str, Tensor]:
         state = _branch_state(self)

@@ -27,6 +27,7 @@ fusion and FLOP counters work unchanged, and ``to_conv2d()`` bakes it into a sto
 """
 import copy
 import itertools
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -43,6 +44,31 @@ def _derived_weight_message(layer_type: str) -> str:
     return (f'{layer_type}.weight is derived from the layer\'s branches, so it cannot '
             'be replaced, re-parametrized, normalised or pruned; re-parameterize the model first '
             '(orepa_mm.reparameterize_model) and apply this to the deployed nn.Conv2d.')
+
+
+#: Where torch.func.functional_call swaps module attributes, and where parametrizations are
+#: registered: a re-param layer answers those callers differently (see their uses).
+_STATELESS_MODULE = 'torch.nn.utils._named_member_accessor'
+_PARAMETRIZE_MODULE = 'torch.nn.utils.parametrize'
+
+
+def _called_from(module_name: str, function: Optional[str] = None, depth: int = 6) -> bool:
+    """Whether one of the few callers above this frame is ``module_name`` (``.function``)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_globals.get('__name__') == module_name and (
+                function is None or frame.f_code.co_name == function):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal, NaN where NaN (a diverged layer's handle is still its own)."""
+    a = a.detach().to(b.dtype)
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 class _ParameterDict(dict):
@@ -114,6 +140,27 @@ class ReparamConv2d(BaseModule):
         """The equivalent (O, I/g, k, k) kernel of all branches (differentiable)."""
         raise NotImplementedError
 
+    def _constant_buffers(self) -> Dict[str, Tensor]:
+        """The fixed tensors the kernel uses (patterns, identities), as built at construction.
+
+        Non-persistent buffers (no checkpoint holds them), so a layer built on the meta device
+        rebuilds them when it is materialised (:meth:`_apply`, as ``to_empty`` runs it).
+        """
+        return {}
+
+    def _apply(self, fn, recurse=True):
+        on_meta = [name for name, b in self._buffers.items() if b is not None and b.is_meta]
+        super()._apply(fn, recurse)
+        if on_meta:
+            with torch.device('cpu'):
+                constants = self._constant_buffers()
+            for name in on_meta:
+                buffer = self._buffers.get(name)
+                if constants.get(name) is not None and buffer is not None and not buffer.is_meta:
+                    with torch.no_grad():
+                        buffer.copy_(constants[name])
+        return self
+
     def kernel_parameters(self) -> List[Tensor]:
         """The parameters the kernel is a function of (all but ``bias``)."""
         return [p for name, p in self.named_parameters() if name != 'bias']
@@ -125,11 +172,15 @@ class ReparamConv2d(BaseModule):
         docstring), or taken from :attr:`kernel_source` when a wrapper supplies it. With no
         gradient needed (no grad mode, frozen parameters) autograd records nothing.
         """
+        kernel = self._sourced_kernel()
+        return self._own_kernel() if kernel is None else kernel
+
+    def _sourced_kernel(self) -> Optional[Tensor]:
+        """The kernel a wrapper supplies through :attr:`kernel_source`, or None."""
         source = self.kernel_source() if self.kernel_source is not None else None
-        if source is not None:
-            kernel = source.kernel_for(self)
-            if kernel is not None:
-                return kernel
+        return None if source is None else source.kernel_for(self)
+
+    def _own_kernel(self) -> Tensor:
         device_type = self.branch_parameter().device.type
         with torch.autocast(device_type=device_type, enabled=False):
             return self.generate_kernel()
@@ -143,9 +194,12 @@ class ReparamConv2d(BaseModule):
         that its kernel equals the written value exactly (:meth:`load_kernel`). See
         :mod:`orepa_mm.cnn.writable_kernel`.
         """
-        kernel = self.kernel()
         if torch.compiler.is_compiling():
-            return kernel
+            return self.kernel()
+        kernel = self._sourced_kernel()
+        # A supplied kernel (a cache entry, OREPA-DDP's proxy) is handed out as a copy: a
+        # write through the handle must reach the parameters, never the supplier's tensor.
+        kernel = self._own_kernel() if kernel is None else kernel.clone()
         return WritableKernel.of(kernel, self)
 
     @weight.deleter
@@ -154,13 +208,17 @@ class ReparamConv2d(BaseModule):
 
     @property
     def parametrizations(self):
-        """Refuses ``torch.nn.utils.parametrize`` (weight_norm, spectral_norm, orthogonal...)
-        on the derived ``weight`` with the contract's sentence (torch asks for this attribute
-        before it registers anything)."""
-        raise TypeError(_derived_weight_message(type(self).__name__))
+        """Absent (``hasattr`` is False, ``is_parametrized`` says no), except to
+        ``torch.nn.utils.parametrize.register_parametrization`` (weight_norm, spectral_norm,
+        orthogonal...), which asks for it before it registers anything and gets the contract's
+        sentence: the derived ``weight`` cannot be re-parametrized."""
+        if _called_from(_PARAMETRIZE_MODULE, 'register_parametrization'):
+            raise TypeError(_derived_weight_message(type(self).__name__))
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute "
+                             "'parametrizations'")
 
     def __dir__(self):
-        # Introspection (torch.jit.trace's export scan, inspect.getmembers) must not trip it.
+        # Introspection (torch.jit.trace's export scan, inspect.getmembers) skips it.
         return [name for name in super().__dir__() if name != 'parametrizations']
 
     def register_parameter(self, name: str, param) -> None:
@@ -172,6 +230,11 @@ class ReparamConv2d(BaseModule):
 
     def __setattr__(self, name: str, value) -> None:
         if name == 'weight':
+            if _called_from(_STATELESS_MODULE):
+                raise TypeError(f'torch.func.functional_call cannot swap in a kernel for the '
+                                f'derived {type(self).__name__}.weight (swapping it back would '
+                                'rewrite the branches); pass the branch parameters '
+                                '(named_parameters()) instead, or deploy the model first.')
             if not isinstance(value, Tensor):
                 raise TypeError(f'{type(self).__name__}.weight can only be set to a tensor '
                                 f'(the kernel to load), got {type(value).__name__}.')
@@ -205,8 +268,8 @@ class ReparamConv2d(BaseModule):
             raise ValueError(f'cannot write a kernel of shape {tuple(weight.shape)} into a '
                              f'{type(self).__name__} layer of shape {expected}.')
         state = self.stock_state(weight.detach())
-        if expected_current is not None and not torch.equal(
-                self.kernel().to(expected_current.dtype), expected_current):
+        if expected_current is not None and not _same_values(self._own_kernel(),
+                                                             expected_current):
             raise ValueError(f'this {type(self).__name__}.weight tensor was read before the '
                              'layer\'s parameters changed, so writing it would load old values; '
                              'read layer.weight again and write to that.')

@@ -20,6 +20,7 @@ kernel now, and a stale handle raises instead of rolling the step back. (Writes 
 off the training step, so the comparison's cost and device sync do not matter there.)
 A write that a layer cannot take (a DBB layer, a wrong shape) raises there and then.
 """
+import inspect
 import weakref
 
 import torch
@@ -35,11 +36,31 @@ _INPLACE_DUNDERS = frozenset({
 })
 
 
-def _writes_in_place(func) -> bool:
-    name = getattr(func, '__name__', '')
+def _op_name(func) -> str:
+    """``Tensor.mul_`` -> ``mul_``; ``torch.ops.aten.zero_.default`` -> ``zero_``."""
+    return getattr(func, '__name__', '').split('.')[0]
+
+
+def _writes_in_place(func, args=(), kwargs=None) -> bool:
+    name = _op_name(func)
     if name in _INPLACE_DUNDERS:
         return True
-    return name.endswith('_') and not name.startswith('__') and name not in _NOT_WRITES
+    if name.endswith('_') and not name.startswith('__') and name not in _NOT_WRITES:
+        return True
+    return _inplace_argument(func, args, kwargs or {})
+
+
+def _inplace_argument(func, args, kwargs) -> bool:
+    """``F.relu(w, inplace=True)``, ``F.hardtanh(w, -1, 1, True)``: an ``inplace`` flag."""
+    if kwargs.get('inplace') is True:
+        return True
+    if not any(a is True for a in args[1:]):
+        return False
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get('inplace') is True
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -97,13 +118,33 @@ class WritableKernel(Tensor):
             layer.load_kernel(value)
         torch._C.TensorBase.data.__set__(self, value)
 
+    def _set_layer_requires_grad(self, flag: bool) -> None:
+        layer = self._layer()
+        if layer is not None:
+            for param in layer.kernel_parameters():
+                param.requires_grad_(flag)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        written = _written_handles(func, args, kwargs) if _may_write(func, kwargs) else []
+        setter = func == _REQUIRES_GRAD_SETTER
+        if setter or _op_name(func) == 'requires_grad_':
+            # Freezing (or unfreezing) the weight freezes the parameters it is made of, as
+            # ``conv.weight.requires_grad_(False)`` freezes a stock conv.
+            flag = args[1] if len(args) > 1 else kwargs.get('requires_grad', True)
+            args[0]._set_layer_requires_grad(bool(flag))
+            return None if setter else args[0]
+        written = _written_handles(func, args, kwargs) if _may_write(func, args, kwargs) else []
         before = [(root, _plain(root)) for root in written]
-        with torch._C.DisableTorchFunctionSubclass():
-            result = func(*args, **kwargs)
+        try:
+            with torch._C.DisableTorchFunctionSubclass():
+                result = func(*args, **kwargs)
+        except RuntimeError as exc:
+            if written and torch.is_grad_enabled() and 'inplace' in str(exc):
+                raise RuntimeError('write to layer.weight under torch.no_grad(), as to a stock '
+                                   "conv's weight (with autograd on it is the output of the "
+                                   'kernel function, which cannot be written in place).') from exc
+            raise
         for root, value in before:
             root._load_into_layer(value)
         source = args[0] if args else None
@@ -117,14 +158,18 @@ class WritableKernel(Tensor):
             return self.detach().clone().__reduce_ex__(proto)
 
 
-def _may_write(func, kwargs) -> bool:
-    return _writes_in_place(func) or isinstance(kwargs.get('out'), WritableKernel)
+#: ``tensor.requires_grad = flag`` as seen by ``__torch_function__``.
+_REQUIRES_GRAD_SETTER = Tensor.requires_grad.__set__
+
+
+def _may_write(func, args, kwargs) -> bool:
+    return _writes_in_place(func, args, kwargs) or isinstance(kwargs.get('out'), WritableKernel)
 
 
 def _written_handles(func, args, kwargs):
     """The root handles that ``func(*args, **kwargs)`` writes into, each once."""
     targets = []
-    if _writes_in_place(func):
+    if _writes_in_place(func, args, kwargs):
         # The written tensor: the first argument (a list for torch._foreach_*_), or a keyword
         # one (nn.init's ``tensor=``).
         first = args[0] if args else next(iter(kwargs.values()), None)

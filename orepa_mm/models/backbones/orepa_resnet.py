@@ -88,6 +88,9 @@ def _rebuild_plain_convs(layer: nn.Sequential, conv_cfg) -> None:
 class OREPAResNetMixin:
     """Mix in before a library's ResNet class to get its OREPA version."""
 
+    #: ``switch_to_deploy`` is orepa_mm's walk (see :func:`orepa_mm.deploy.check_structural_block`).
+    deploys_by_walk = True
+
     def __init__(self, *args, conv_cfg=dict(type='OREPA'), **kwargs):
         super().__init__(*args, conv_cfg=conv_cfg, **kwargs)
 

@@ -10,7 +10,7 @@ import functools
 
 from mmpretrain.models.backbones.repvgg import RepVGG, RepVGGBlock
 
-from ...deploy import reparameterize_model
+from ...deploy import check_structural_block, reparameterize_model
 
 
 def make_repvgg_blocks_deploy_to_stock_convs() -> None:
@@ -29,6 +29,7 @@ def make_repvgg_blocks_deploy_to_stock_convs() -> None:
 
     @functools.wraps(original)
     def switch_to_deploy(self):
+        check_structural_block(self)
         original(self)
         reparameterize_model(self)
 
