@@ -626,14 +626,17 @@ def test_refusals_are_one_sentence(one_rank_group):
 def test_builds_from_the_registry_and_runs_mmengine_train_step(one_rank_group):
     """MODEL_WRAPPERS.build(dict(type=..., module=model)), then mmengine's train_step."""
     from mmengine.optim import OptimWrapper
-    from mmengine.registry import MODEL_WRAPPERS
+    from mmengine.registry import MODEL_WRAPPERS, DefaultScope
     from mmpretrain.models import ImageClassifier
     import orepa_mm  # noqa: F401
-    model = ImageClassifier(
-        backbone=dict(type='mmpretrain.OREPAResNet', depth=18, base_channels=16),
-        neck=dict(type='mmpretrain.GlobalAveragePooling'),
-        head=dict(type='mmpretrain.LinearClsHead', num_classes=4, in_channels=128),
-        data_preprocessor=dict(type='mmpretrain.ClsDataPreprocessor'))
+    # The head builds its loss by bare name: it needs mmpretrain's scope, whatever scope an
+    # earlier test left (this test used to pass only after another had set it).
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = ImageClassifier(
+            backbone=dict(type='mmpretrain.OREPAResNet', depth=18, base_channels=16),
+            neck=dict(type='mmpretrain.GlobalAveragePooling'),
+            head=dict(type='mmpretrain.LinearClsHead', num_classes=4, in_channels=128),
+            data_preprocessor=dict(type='mmpretrain.ClsDataPreprocessor'))
     wrapper = MODEL_WRAPPERS.build(dict(type='OREPADistributedDataParallel', module=model))
     from mmpretrain.structures import DataSample
     data = dict(inputs=[torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)] * 2,
