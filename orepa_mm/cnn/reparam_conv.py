@@ -238,7 +238,7 @@ class ReparamConv2d(BaseModule):
             if not isinstance(value, Tensor):
                 raise TypeError(f'{type(self).__name__}.weight can only be set to a tensor '
                                 f'(the kernel to load), got {type(value).__name__}.')
-            self.load_kernel(value)
+            self.load_kernel(value, same_dtype=True)
             return
         super().__setattr__(name, value)
 
@@ -255,18 +255,27 @@ class ReparamConv2d(BaseModule):
                         '(orepa_mm.reparameterize_model) and write the deployed conv.')
 
     @torch.no_grad()
-    def load_kernel(self, weight: Tensor, expected_current: Optional[Tensor] = None) -> None:
+    def load_kernel(self, weight: Tensor, expected_current: Optional[Tensor] = None,
+                    same_dtype: bool = False) -> None:
         """Make the squeezed kernel exactly ``weight``: origin = ``weight``, every other branch
         scaled to zero (as when a stock ``weight`` is loaded from a state dict).
 
         ``expected_current``: what the writer believes the kernel is now (a ``weight`` handle's
         value before its write); if the layer's kernel differs, the handle is stale and the
         write is refused rather than loading old values over an optimizer step.
+        ``same_dtype``: ``weight`` is taken as it is (``weight = w``, ``weight.data = w``, which
+        change a stock conv's dtype), so one in another dtype than the layer's cannot land
+        exactly and is refused instead of being cast.
         """
         expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         if tuple(weight.shape) != expected:
             raise ValueError(f'cannot write a kernel of shape {tuple(weight.shape)} into a '
                              f'{type(self).__name__} layer of shape {expected}.')
+        dtype = self.branch_parameter().dtype
+        if same_dtype and weight.dtype != dtype:
+            raise TypeError(f'cannot set the {dtype} {type(self).__name__}.weight to a '
+                            f'{weight.dtype} tensor exactly; cast the tensor (w.to({dtype})) or '
+                            'the layer (layer.to(w.dtype)) first.')
         state = self.stock_state(weight.detach())
         if expected_current is not None and not _same_values(self._own_kernel(),
                                                              expected_current):

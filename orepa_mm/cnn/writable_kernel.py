@@ -115,7 +115,7 @@ class WritableKernel(Tensor):
     def data(self, value: Tensor) -> None:
         layer = self._layer()
         if layer is not None:
-            layer.load_kernel(value)
+            layer.load_kernel(value, same_dtype=True)
         torch._C.TensorBase.data.__set__(self, value)
 
     def _set_layer_requires_grad(self, flag: bool) -> None:

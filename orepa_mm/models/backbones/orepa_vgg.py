@@ -11,6 +11,7 @@ import functools
 from mmpretrain.models.backbones.repvgg import RepVGG, RepVGGBlock
 
 from ...deploy import check_structural_block, reparameterize_model
+from ...registry import CONV_TYPES
 
 
 def make_repvgg_blocks_deploy_to_stock_convs() -> None:
@@ -30,6 +31,11 @@ def make_repvgg_blocks_deploy_to_stock_convs() -> None:
     @functools.wraps(original)
     def switch_to_deploy(self):
         check_structural_block(self)
+        conv_type = (self.conv_cfg or {}).get('type', '')
+        if isinstance(conv_type, str) and conv_type.rpartition('.')[2] in CONV_TYPES:
+            # The fused conv is built with conv_cfg in the default dtype and then takes the
+            # fused kernel through ``weight.data =``: a stock conv takes it exactly (any dtype).
+            self.conv_cfg = None
         original(self)
         reparameterize_model(self)
 
