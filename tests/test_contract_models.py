@@ -77,8 +77,12 @@ MODULES: Dict[str, Tuple[Callable, Callable]] = {
 
 
 def _build(name, conv_cfg, seed):
+    from mmengine.registry import DefaultScope
     torch.manual_seed(seed)
-    module = randomise(MODULES[name][0](conv_cfg).double(), seed)
+    # Heads build their losses and coders by bare name: in their library's scope, whatever
+    # scope an earlier test left behind.
+    with DefaultScope.overwrite_default_scope(name.split('.')[0]):
+        module = randomise(MODULES[name][0](conv_cfg).double(), seed)
     if conv_cfg is not None:
         assert orepa_mm.count_reparameterizable(module) > 0
     return module

@@ -84,9 +84,11 @@ class _DetectorFeatures(nn.Module):
 
 
 def test_detector_with_orepa_neck_and_head_makes_no_syncs():
+    from mmengine.registry import DefaultScope
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
-    model = _DetectorFeatures(dict(type='OREPA'))
+    with DefaultScope.overwrite_default_scope('mmdet'):  # the head builds its coder by name
+        model = _DetectorFeatures(dict(type='OREPA'))
     assert orepa_mm.count_reparameterizable(model.neck) and orepa_mm.count_reparameterizable(
         model.head)
     assert _train_step_syncs(model, x) == {}
