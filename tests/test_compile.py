@@ -228,8 +228,8 @@ AUTOCAST_LAYERS = {
 @pytest.mark.parametrize('name', list(AUTOCAST_LAYERS))
 def test_kernel_functions_run_in_fp32_under_autocast(name, path, monkeypatch):
     """Generating the kernel, or calling backward, inside a bf16 autocast region changes no
-    number: the kernel functions run with autocast off ('pytorch': fused loops and oneDNN
-    switched off, so that every product is one autocast would lower to bf16)."""
+    number: the kernel functions run with autocast off ('pytorch': fused loops switched off,
+    so that every product is one autocast would lower to bf16)."""
     if path == 'pytorch':
         monkeypatch.setattr(fused_ops, 'KXK_KERNEL_OPS', None)
     torch.manual_seed(0)
