@@ -141,8 +141,23 @@ def test_freezing_through_weight_freezes_the_layer(name):
     layer.weight.requires_grad = False
     assert not any(p.requires_grad for p in layer.kernel_parameters())
     with torch.no_grad():
-        layer.weight.requires_grad_(True)
+        handle = layer.weight.requires_grad_(True)
     assert all(p.requires_grad for p in layer.kernel_parameters())
+    assert handle.requires_grad and handle.is_leaf  # as a stock conv's weight
+
+
+@pytest.mark.parametrize('name', sorted(LAYERS))
+def test_a_detached_copy_of_weight_takes_requires_grad_for_itself(name):
+    """``w = layer.weight.detach().requires_grad_()`` (saliency, feature visualisation) makes
+    a new leaf; it must not unfreeze or freeze the layer."""
+    layer = _layer(name)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    w = layer.weight.detach().requires_grad_()
+    assert w.requires_grad and w.is_leaf
+    assert not any(p.requires_grad for p in layer.parameters())
+    F.conv2d(X, w, padding=layer.padding).sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
 
 
 def test_dbb_refuses_a_stock_or_deployed_checkpoint_loudly():

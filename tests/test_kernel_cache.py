@@ -84,3 +84,16 @@ def test_a_wrapper_supplied_kernel_is_left_alone():
     with cached_kernels(model):
         assert model[0].kernel_source() is source
     assert model[0].kernel_source() is source
+
+
+def test_the_validation_hook_closes_the_cache_before_training():
+    """An unfinished validation epoch (no after-hook) must not leave training on the cache."""
+    from types import SimpleNamespace
+
+    from orepa_mm.engine import ReparamKernelCacheHook
+    model = _model('kxk')
+    hook, runner = ReparamKernelCacheHook(), SimpleNamespace(model=model)
+    hook.before_val_epoch(runner)
+    assert model[0].kernel_source is not None
+    hook.before_train_epoch(runner)
+    assert model[0].kernel_source is None

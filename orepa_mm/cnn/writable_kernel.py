@@ -128,11 +128,17 @@ class WritableKernel(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         setter = func == _REQUIRES_GRAD_SETTER
-        if setter or _op_name(func) == 'requires_grad_':
-            # Freezing (or unfreezing) the weight freezes the parameters it is made of, as
-            # ``conv.weight.requires_grad_(False)`` freezes a stock conv.
-            flag = args[1] if len(args) > 1 else kwargs.get('requires_grad', True)
-            args[0]._set_layer_requires_grad(bool(flag))
+        if (setter or _op_name(func) == 'requires_grad_') and args[0]._root is None:
+            # Freezing (or unfreezing) ``layer.weight`` itself freezes the parameters it is made
+            # of, as ``conv.weight.requires_grad_(False)`` freezes a stock conv. A handle read
+            # without autograd is a leaf and takes the flag too (``w.requires_grad_()`` then
+            # differentiates with respect to it, as before). Views (``weight.detach()``) are
+            # new tensors: they take the flag plainly and leave the layer alone.
+            flag = bool(args[1] if len(args) > 1 else kwargs.get('requires_grad', True))
+            args[0]._set_layer_requires_grad(flag)
+            if args[0].grad_fn is None:
+                with torch._C.DisableTorchFunctionSubclass():
+                    torch._C.TensorBase.requires_grad.__set__(args[0], flag)
             return None if setter else args[0]
         written = _written_handles(func, args, kwargs) if _may_write(func, args, kwargs) else []
         before = [(root, _plain(root)) for root in written]

@@ -35,6 +35,11 @@ class ReparamKernelCacheHook(Hook):
             context, self._context = self._context, None
             context.__exit__(None, None, None)
 
+    def before_train_epoch(self, runner) -> None:
+        # Never cached in training, even if a validation epoch ended without its after-hook
+        # (an exception caught by the caller): a frozen teacher's .data updates must be seen.
+        self._close()
+
     def before_val_epoch(self, runner) -> None:
         self._open(runner)
 
