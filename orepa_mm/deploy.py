@@ -23,6 +23,14 @@ def is_reparameterizable(module: nn.Module) -> bool:
     return callable(getattr(module, 'to_conv2d', None))
 
 
+def has_own_deploy_step(module: nn.Module) -> bool:
+    """Whether ``module`` is an orepa_mm module with a deploy step of its own
+    (``switch_to_deploy``: OREPAVGG's branch fusion), which a model may need with no re-param
+    layer in it (an OREPAVGG built with stock convs)."""
+    return (type(module).__module__.startswith('orepa_mm.')
+            and callable(getattr(module, 'switch_to_deploy', None)))
+
+
 def reparam_sites(module: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
     """(parent, name, layer) of every outermost re-param layer under ``module``."""
     for name, child in module.named_children():

@@ -10,7 +10,7 @@ import orepa_mm  # noqa: F401
 from orepa_mm.cnn import OREPAConv2d, ReparamConv2d
 from orepa_mm.deploy import count_reparameterizable
 from orepa_mm.models.backbones import for_mmdet, for_mmpretrain, for_mmseg
-from orepa_mm.official_checkpoint import convert_official_state_dict
+from orepa_mm.apis.official_checkpoint import convert_official_state_dict
 from tests.official_reference import (random_official_checkpoint, reference_path,
                                       repvgg_stage_outputs, resnet_stage_outputs)
 

@@ -14,7 +14,7 @@ The matrix below is the issue's list of bad inputs, one row each, for ``tools/tr
 The fast tier calls each tool's ``main(argv)`` in this process on tiny fixtures built here (an
 8-channel OREPA ResNet-18 classifier and its checkpoint in every broken form); the slow tier
 runs the tools as users do, in a fresh process, and delivers real signals. The write policy's
-building block, :class:`orepa_mm.tool_io.OutputSet`, is tested directly at the end.
+building block, :class:`orepa_mm.utils.atomic_write.OutputSet`, is tested directly at the end.
 """
 import os
 import os.path as osp
@@ -529,7 +529,7 @@ def test_mmseg_out_is_a_folder_output_staged_for_the_evaluator(tmp_path):
     """mmseg's ``--out`` is the folder IoUMetric writes the maps into: staged like a file."""
     from mmengine.config import Config
 
-    from orepa_mm.tools_utils import check_test_outputs, stage_test_output
+    from orepa_mm.utils.cli import check_test_outputs, stage_test_output
     cfg = Config(dict(default_scope='mmseg', test_evaluator=dict(type='IoUMetric')))
     out = str(tmp_path / 'maps')
     outputs = check_test_outputs(cfg, out)
@@ -542,7 +542,7 @@ def test_mmseg_out_is_a_folder_output_staged_for_the_evaluator(tmp_path):
 
 # -- OutputSet, directly -------------------------------------------------------------------------
 def _outputs(*paths, **kwargs):
-    from orepa_mm.tool_io import OutputSet
+    from orepa_mm.utils.atomic_write import OutputSet
     outputs = OutputSet()
     for path in paths:
         outputs.add(str(path), '--out', **kwargs)
@@ -563,7 +563,7 @@ def test_outputs_appear_together_with_their_new_folders(tmp_path):
 
 @pytest.mark.parametrize('fail_at', [1, 2])
 def test_a_failed_move_puts_every_previous_output_back(tmp_path, monkeypatch, fail_at):
-    from orepa_mm.tool_io import OrepaInputError
+    from orepa_mm.utils.errors import OrepaInputError
     a, b = tmp_path / 'a', tmp_path / 'b'
     a.write_text('old a')
     b.write_text('old b')
@@ -597,7 +597,8 @@ def test_an_interrupt_while_staging_leaves_nothing(tmp_path):
 
 
 def test_outputs_refused_up_front(tmp_path):
-    from orepa_mm.tool_io import OrepaInputError, OutputSet
+    from orepa_mm.utils.errors import OrepaInputError
+    from orepa_mm.utils.atomic_write import OutputSet
     outputs = OutputSet()
     outputs.add(str(tmp_path / 'a'), '--out')
     with pytest.raises(OrepaInputError, match=r'given twice as an output \(--out and --x\)'):
@@ -626,7 +627,7 @@ def test_a_folder_output_is_replaced_whole(tmp_path):
 
 
 def test_one_line_and_the_exit_codes_of_run_tool(capsys):
-    from orepa_mm.tool_io import EXIT_BAD_INPUT, EXIT_FAILED, OrepaInputError, run_tool
+    from orepa_mm.utils.errors import EXIT_BAD_INPUT, EXIT_FAILED, OrepaInputError, run_tool
 
     def refuse():
         raise OrepaInputError('two\nlines.')
@@ -648,7 +649,7 @@ def test_one_line_and_the_exit_codes_of_run_tool(capsys):
 
 
 def test_sigterm_becomes_an_interrupt_and_is_restored():
-    from orepa_mm.tool_io import run_tool
+    from orepa_mm.utils.errors import run_tool
     previous = signal.getsignal(signal.SIGTERM)
 
     def terminated():

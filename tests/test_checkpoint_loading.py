@@ -1,4 +1,4 @@
-"""orepa_mm.checkpoint_loading: real runner checkpoints load under torch's
+"""orepa_mm.utils.checkpoint_io: real runner checkpoints load under torch's
 weights-only unpickler through mmengine's own loader; anything else pickled
 is refused before it runs.
 
@@ -26,8 +26,7 @@ from mmengine.runner import checkpoint as mmengine_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 from torch.utils.data import Dataset
 
-from orepa_mm.checkpoint_loading import (UnsafeCheckpointError,
-                                         register_safe_checkpoint_loader)
+from orepa_mm.utils.checkpoint_io import UnsafeCheckpointError, register_safe_checkpoint_loader
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -283,4 +282,4 @@ def test_register_is_idempotent():
     loaders = [fn for prefix, fn in CheckpointLoader._schemes.items()
                if prefix == '']
     assert len(loaders) == 1
-    assert loaders[0].__module__ == 'orepa_mm.checkpoint_loading'
+    assert loaders[0].__module__ == 'orepa_mm.utils.checkpoint_io'

@@ -17,7 +17,7 @@ from mmengine.registry import MODELS, DefaultScope
 import orepa_mm  # noqa: F401
 from orepa_mm.apis import deploy_config
 from orepa_mm.cnn import ReparamConv2d
-from orepa_mm.data_check import MissingDatasetError, check_dataset_paths, iter_dataset_paths
+from orepa_mm.utils.data_check import MissingDatasetError, check_dataset_paths, iter_dataset_paths
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG_DIR = osp.join(REPO, 'configs')

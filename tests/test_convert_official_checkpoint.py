@@ -35,7 +35,7 @@ def test_converts_the_fixture_and_reports(tmp_path, capsys):
 
 def _refused(tmp_path, capsys, src, fragment):
     dst = tmp_path / 'dst.pth'
-    assert run_tool(src, dst) == 2  # bad input, as in every tool (orepa_mm.tool_io)
+    assert run_tool(src, dst) == 2  # bad input, as in every tool (orepa_mm.utils.errors)
     err = capsys.readouterr().err
     assert fragment in err and err.count('\n') == 1, err
     assert not dst.exists() and not any(p.name.startswith('.tmp') for p in tmp_path.iterdir())

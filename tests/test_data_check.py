@@ -1,11 +1,10 @@
-"""orepa_mm.data_check: which dataset paths a config needs, and the one
+"""orepa_mm.utils.data_check: which dataset paths a config needs, and the one
 sentence users get when one is missing. Plain dict configs."""
 import os.path as osp
 
 import pytest
 
-from orepa_mm.data_check import (MissingDatasetError, check_dataset_paths,
-                                 iter_dataset_paths)
+from orepa_mm.utils.data_check import MissingDatasetError, check_dataset_paths, iter_dataset_paths
 
 
 def coco_like(root, ann='annotations/train.json', img='train2017/'):

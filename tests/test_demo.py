@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from orepa_mm.datasets import (CLASSES, DET_METAINFO, SEG_CLASSES, SEG_METAINFO, DemoDatasetSpec,
+from demo_dataset import (CLASSES, DET_METAINFO, SEG_CLASSES, SEG_METAINFO, DemoDatasetSpec,
                                ensure_demo_dataset, generate_demo_dataset)
-from orepa_mm.datasets.synthetic import draw_sample
+from demo_dataset import draw_sample
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = dict(num_train=3, num_val=2, img_size=96, min_size=10, max_size=40)

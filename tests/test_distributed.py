@@ -49,7 +49,7 @@ log_processor = dict(window_size=1)
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
-    from orepa_mm.datasets.synthetic import generate_demo_dataset
+    from demo_dataset import generate_demo_dataset
     root = tmp_path_factory.mktemp('demo_data') / 'data'
     generate_demo_dataset(str(root), num_train=8, num_val=2, img_size=128, seed=1)
     return str(root) + '/'

@@ -20,10 +20,9 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from orepa_mm.apis.reparameterize import ReparameterizeError, _check_writable_dir
-from orepa_mm.checkpoint_check import (MissingCheckpointError, check_checkpoint_paths,
-                                       check_load_from, check_pretrained_checkpoints,
-                                       describe_checkpoint, iter_pretrained_checkpoints)
+from orepa_mm.utils.atomic_write import check_writable_dir
+from orepa_mm.utils.errors import OrepaInputError
+from orepa_mm.utils.checkpoint_check import (MissingCheckpointError, check_checkpoint_paths, check_load_from, check_pretrained_checkpoints, describe_checkpoint, iter_pretrained_checkpoints)
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = 'checkpoints/orepa_resnet50_official.pth'
@@ -202,27 +201,27 @@ def test_describe_checkpoint_kinds():
 
 
 def test_writable_dir_probe_refuses_proc_and_leaves_nothing(tmp_path):
-    with pytest.raises(ReparameterizeError) as info:
-        _check_writable_dir('/proc/x/deploy')
+    with pytest.raises(OrepaInputError) as info:
+        check_writable_dir('/proc/x/deploy')
     assert str(info.value).startswith('output directory /proc/x/deploy is not writable (')
     assert not osp.exists('/proc/x')
     nested = tmp_path / 'a' / 'b' / 'c'
-    _check_writable_dir(str(nested))  # creatable: passes and leaves nothing behind
+    check_writable_dir(str(nested))  # creatable: passes and leaves nothing behind
     assert list(tmp_path.iterdir()) == []
     (tmp_path / 'out').mkdir()
-    _check_writable_dir(str(tmp_path / 'out'))
+    check_writable_dir(str(tmp_path / 'out'))
     assert list((tmp_path / 'out').iterdir()) == []
 
 
 def test_writable_dir_probe_cleans_up_after_a_failed_write(tmp_path, monkeypatch):
-    import orepa_mm.apis.reparameterize as module
+    import orepa_mm.utils.atomic_write as module
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, 'Permission denied', kwargs.get('dir'))
 
     monkeypatch.setattr(module.tempfile, 'mkstemp', refuse)
-    with pytest.raises(ReparameterizeError) as info:
-        _check_writable_dir(str(tmp_path / 'a' / 'b'))
+    with pytest.raises(OrepaInputError) as info:
+        check_writable_dir(str(tmp_path / 'a' / 'b'))
     assert str(info.value) == (f'output directory {tmp_path}/a/b is not writable '
                                f'({tmp_path}/a/b: Permission denied).')
     assert list(tmp_path.iterdir()) == []

@@ -35,7 +35,7 @@ def cold_plan(tmp_path_factory):
 def test_plan_covers_every_step_of_a_cold_install(cold_plan):
     plan = '\n'.join(cold_plan)
     for step in ('install -c', 'torch==', 'mmengine', 'download', 'mmcv==2.1.0', 'wheel -c',
-                 'requirements.txt', '-e ', 'build_ext --inplace', 'orepa_mm.env_report'):
+                 'requirements.txt', '-e ', 'build_ext --inplace', 'orepa_mm.utils.env_report'):
         assert step in plan, f'the cold plan lacks {step!r}:\n{plan}'
 
 
@@ -61,7 +61,7 @@ def test_no_pip_call_bypasses_run_pip():
 
 @pytest.mark.slow
 def test_env_report_is_one_line():
-    result = subprocess.run([sys.executable, '-m', 'orepa_mm.env_report'],
+    result = subprocess.run([sys.executable, '-m', 'orepa_mm.utils.env_report'],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

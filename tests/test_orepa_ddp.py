@@ -686,7 +686,7 @@ def test_train_py_with_bf16_accumulation_and_resume(tmp_path):
     wrapper: the two-process scenarios; SyncBN together with CPU bf16 fails in CPUSyncBatchNorm
     whatever the wrapper.)"""
     from tests.test_distributed import losses, rank_states, train, write_config
-    from orepa_mm.datasets.synthetic import generate_demo_dataset
+    from demo_dataset import generate_demo_dataset
     data = tmp_path / 'data'
     generate_demo_dataset(str(data), num_train=8, num_val=2, img_size=128, seed=1)
     extra = ("model_wrapper_cfg = dict(type='OREPADistributedDataParallel')\n"

@@ -181,7 +181,7 @@ def run_tool(argv, capsys):
 
 
 def assert_one_sentence(code, err, expected):
-    assert code == 2  # bad input, as in every tool (orepa_mm.tool_io)
+    assert code == 2  # bad input, as in every tool (orepa_mm.utils.errors)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0]
     assert lines[0].endswith('.') or lines[0].endswith(').')
@@ -323,16 +323,16 @@ def test_the_tool_on_a_reparameterized_classifier(tmp_path, capsys, one_thread):
     assert onnx_file.stat().st_size > 0
     # the fp32 ONNX Runtime backbone + neck gives PyTorch's metric
     from orepa_mm.apis.quantization import evaluate
-    from orepa_mm.apis.reparameterize import _load_config
-    cfg = _load_config(str(deploy_dir / 'deploy_config.py'))
+    from orepa_mm.utils.config_io import read_config
+    cfg = read_config(str(deploy_dir / 'deploy_config.py'))
     assert evaluate(_deployed(deploy_dir), cfg) == record['metrics']['fp32']
     # failures write nothing, successes overwrite atomically: no temporaries left
     assert sorted(p.name for p in out.parent.iterdir()) == ['report.json']
 
 
 def _deployed(deploy_dir):
-    from orepa_mm.apis.reparameterize import _build_model, _load_config
-    model = _build_model(_load_config(str(deploy_dir / 'deploy_config.py')), 'cpu', 'deployed')
+    from orepa_mm.utils.config_io import build_model, read_config
+    model = build_model(read_config(str(deploy_dir / 'deploy_config.py')), 'cpu', 'deployed')
     model.load_state_dict(torch.load(deploy_dir / 'deploy.pth')['state_dict'])
     return model.eval()
 
@@ -361,7 +361,7 @@ def test_the_tool_on_the_demo_detector_as_a_subprocess(tmp_path):
     from mmengine.config import Config
     from mmengine.registry import MODELS, DefaultScope
 
-    from orepa_mm.datasets import generate_demo_dataset
+    from demo_dataset import generate_demo_dataset
     data = tmp_path / 'data'
     generate_demo_dataset(str(data), num_train=2, num_val=6, seed=0)
     study = load_tool('int8_study')
@@ -420,7 +420,7 @@ def test_every_study_variant_deploys_and_is_checked(name, tmp_path, one_thread):
     from mmengine.config import Config
     from mmengine.registry import MODELS, DefaultScope
 
-    from orepa_mm.datasets import generate_demo_dataset
+    from demo_dataset import generate_demo_dataset
     data = tmp_path / 'data'
     generate_demo_dataset(str(data), num_train=2, num_val=2, seed=0)
     study = load_tool('int8_study')

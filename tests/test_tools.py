@@ -4,7 +4,7 @@ The end-to-end tests run the tools as subprocesses, the way users do, on a
 tiny mmpretrain config: an ImageClassifier with an 8-channel ResNet-18 on
 four 32x32 images in mmpretrain's CustomDataset folder layout. That is the
 real Runner, real loops, real CheckpointHook and real evaluator, in seconds.
-The argument-to-config helpers in orepa_mm.tools_utils are tested directly.
+The argument-to-config helpers in orepa_mm.utils.cli are tested directly.
 """
 import os
 import pickle
@@ -17,11 +17,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from orepa_mm.checkpoint_loading import load_from_local
-from orepa_mm.tools_utils import (ToolError, apply_test_args,
-                                  apply_train_args, config_scope,
-                                  parse_test_args, parse_train_args,
-                                  train_splits)
+from orepa_mm.utils.checkpoint_io import load_from_local
+from orepa_mm.utils.cli import (ToolError, apply_test_args, apply_train_args, config_scope, parse_test_args, parse_train_args, train_splits)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +229,7 @@ def test_auto_scale_lr(toy):
 
 def test_amp_on_cpu_selects_bf16(toy, monkeypatch):
     config, _ = toy
-    import orepa_mm.tools_utils as tools_utils
+    import orepa_mm.utils.cli as tools_utils
     monkeypatch.setattr(tools_utils, '_has_accelerator', lambda: False)
     cfg = apply_train_args(
         Config.fromfile(config), parse_train_args([str(config), '--amp']))
@@ -241,7 +238,7 @@ def test_amp_on_cpu_selects_bf16(toy, monkeypatch):
 
 def test_amp_switches_optim_wrapper(toy, monkeypatch):
     config, _ = toy
-    import orepa_mm.tools_utils as tools_utils
+    import orepa_mm.utils.cli as tools_utils
     monkeypatch.setattr(tools_utils, '_has_accelerator', lambda: True)
     cfg = apply_train_args(
         Config.fromfile(config), parse_train_args([str(config), '--amp']))

@@ -4,7 +4,7 @@
                          [--threads N|auto] [--only-data]
 
 1. draw the synthetic shapes dataset into ``data/demo/`` unless it is there already
-   (:mod:`orepa_mm.datasets.synthetic`: COCO instances + mmseg label maps);
+   (`tools/demo_dataset.py`: COCO instances + mmseg label maps);
 2. train the OREPA Faster R-CNN of ``configs/demo/faster_rcnn_orepa_r18_demo.py`` with
    mmengine's Runner, from scratch;
 3. evaluate it on the held-out images with mmdet's CocoMetric;
@@ -44,9 +44,9 @@ from mmengine.runner import Runner  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers the OREPA modules
 from orepa_mm.apis import ReparameterizeError, reparameterize_checkpoint  # noqa: E402
-from orepa_mm.apis.text_table import format_rows, human_number  # noqa: E402
-from orepa_mm.data_check import MissingDatasetError, check_dataset_paths  # noqa: E402
-from orepa_mm.datasets import DemoDatasetSpec, ensure_demo_dataset  # noqa: E402
+from orepa_mm.utils.text_table import format_rows, human_number  # noqa: E402
+from orepa_mm.utils.data_check import MissingDatasetError, check_dataset_paths  # noqa: E402
+from demo_dataset import DemoDatasetSpec, ensure_demo_dataset  # noqa: E402
 
 DET_CONFIG = osp.join(REPO, 'configs', 'demo', 'faster_rcnn_orepa_r18_demo.py')
 SEG_CONFIG = osp.join(REPO, 'configs', 'demo', 'pspnet_orepa_r18_demo.py')

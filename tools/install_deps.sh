@@ -155,7 +155,7 @@ fi
 
 # 7. One line to paste into a bug report.
 if ((PLAN)); then
-  printf '[plan] %s -m orepa_mm.env_report\n' "$PY"
+  printf '[plan] %s -m orepa_mm.utils.env_report\n' "$PY"
 else
-  say "ready: $("$PY" -m orepa_mm.env_report)"
+  say "ready: $("$PY" -m orepa_mm.utils.env_report)"
 fi

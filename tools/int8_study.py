@@ -147,25 +147,22 @@ def deploy_as_is(config: str, checkpoint: str, out_dir: str, repvgg: bool = Fals
     through ``reparameterize_checkpoint``, which folds their conv biases into the BNs.)"""
     import copy
 
-    from mmengine.config import Config
-
-    from orepa_mm.apis.deploy_config import deploy_config
-    from orepa_mm.apis.reparameterize import (_build_model, _dump_text, _load_checkpoint_file,
-                                              _plain, _reload, _revise_keys, _save_checkpoint,
-                                              _save_text, _state_dict_of, write_atomically)
+    from orepa_mm.apis.reparameterize import deployed_config_text, write_deployment
     from orepa_mm.apis.verification import (compare_outputs, config_input_size,
                                             deterministic_image, model_outputs)
-    cfg = Config.fromfile(config)
-    ckpt = _load_checkpoint_file(checkpoint)
-    state = _revise_keys(_state_dict_of(ckpt, checkpoint))
-    model = _build_model(cfg, 'cpu', 'train-time')
+    from orepa_mm.utils.checkpoint_io import checkpoint_weights, read_checkpoint
+    from orepa_mm.utils.config_io import build_model, read_config
+    cfg = read_config(config)
+    ckpt = read_checkpoint(checkpoint)
+    state = checkpoint_weights(ckpt, checkpoint)
+    model = build_model(cfg, 'cpu', 'train-time')
     model.load_state_dict(state, strict=True)
     model.eval()
     deployed_cfg = copy.deepcopy(cfg)
     if repvgg:
         deployed_cfg.model.backbone.deploy = True
-    text = _dump_text(deploy_config(deployed_cfg), config)
-    stock = _build_model(_reload(text), 'cpu', 'deployed')
+    text, stock_cfg = deployed_config_text(deployed_cfg, config)
+    stock = build_model(stock_cfg, 'cpu', 'deployed')
     if repvgg:
         fused = copy.deepcopy(model)
         fused.backbone.switch_to_deploy()
@@ -179,13 +176,11 @@ def deploy_as_is(config: str, checkpoint: str, out_dir: str, repvgg: bool = Fals
     if worst > 1e-4:
         raise RuntimeError(f'the deployed {config} differs from the trained model (relative '
                            f'error {worst:.3g})')
-    meta = _plain(copy.deepcopy(ckpt.get('meta') or {}))
+    meta = dict(ckpt.get('meta') or {})
     meta['deployed_as_is'] = dict(source_checkpoint=osp.abspath(checkpoint),
                                   repvgg_switch_to_deploy=repvgg,
                                   max_rel_error=worst)
-    write_atomically(out_dir, {
-        'deploy.pth': _save_checkpoint(dict(meta=meta, state_dict=stock.state_dict())),
-        'deploy_config.py': _save_text(text)})
+    write_deployment(out_dir, stock.state_dict(), meta, text)
 
 
 def deploy(variant: Variant, work_dir: str, checkpoint: str) -> str:
@@ -259,7 +254,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     from orepa_mm.apis.quantization import quantization_check
     from orepa_mm.apis.reparameterize import ReparameterizeError
-    from orepa_mm.datasets import DemoDatasetSpec, ensure_demo_dataset
+    from demo_dataset import DemoDatasetSpec, ensure_demo_dataset
 
     data_root = osp.abspath(args.data_root)
     _, generated = ensure_demo_dataset(data_root, DemoDatasetSpec())

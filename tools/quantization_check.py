@@ -16,7 +16,7 @@ tensor), calibrated on the first N images of the config's val dataset; then it p
 * with ``--eval``: the task metric (the config's val_evaluator on the whole val set) with the
   fp32 and with the INT8 backbone + neck in ONNX Runtime, heads in PyTorch.
 
-Exit codes (the same in every orepa_mm tool, see orepa_mm.tool_io): 0 checked (and --out /
+Exit codes (the same in every orepa_mm tool, see orepa_mm.utils.errors): 0 checked (and --out /
 --save-onnx written); 2 bad input or bad command line (missing directory, not a deploy
 directory, no val data, an output name that cannot be written, ... : one sentence on stderr,
 nothing written); 130 interrupted. --out and --save-onnx are checked before any work and
@@ -81,7 +81,7 @@ def check(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Imported after argument parsing so --help and usage errors stay instant.
-    from orepa_mm.tool_io import run_tool
+    from orepa_mm.utils.errors import run_tool
     return run_tool(lambda: check(args))
 
 

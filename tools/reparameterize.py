@@ -15,7 +15,7 @@ Writes, only after the deployed model reproduced the train-time model's outputs:
 EMA weights (mmengine ``EMAHook``) are used when the checkpoint has them, unless ``--no-ema``.
 The verification input has the config's test size (``--input-size`` overrides it).
 
-Exit codes (the same in every orepa_mm tool, see orepa_mm.tool_io):
+Exit codes (the same in every orepa_mm tool, see orepa_mm.utils.errors):
     0    converted, verified and written;
     2    bad input or bad command line: missing/unreadable/corrupt/unsafe file, config and
          checkpoint do not match, nothing to re-parameterize, an output name that cannot be
@@ -102,7 +102,7 @@ def reparameterize(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Imported after argument parsing so --help and usage errors stay instant.
-    from orepa_mm.tool_io import run_tool
+    from orepa_mm.utils.errors import run_tool
     return run_tool(lambda: reparameterize(args))
 
 

@@ -11,7 +11,7 @@ The config's ``default_scope`` picks the library (and what ``--out`` and
 or broken config, dataset or checkpoint, a checkpoint whose weights do not
 fit the config's model, an unusable flag, an ``--out`` that cannot be
 written) ends the run before anything is built, with one sentence on stderr
-and exit status 2. ``--out`` follows the write policy of ``orepa_mm.tool_io``:
+and exit status 2. ``--out`` follows the write policy of ``orepa_mm.utils.errors``:
 written beside its target and moved into place once the test has run.
 """
 import warnings
@@ -24,15 +24,11 @@ warnings.filterwarnings(
 import sys  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
-from orepa_mm.checkpoint_loading import \
+from orepa_mm.utils.checkpoint_io import \
     register_safe_checkpoint_loader  # noqa: E402
-from orepa_mm.data_check import check_dataset_paths  # noqa: E402
-from orepa_mm.tool_io import run_tool  # noqa: E402
-from orepa_mm.tools_utils import (add_dump_results,  # noqa: E402
-                                  apply_test_args, build_runner,
-                                  check_checkpoint_fits, check_checkpoints,
-                                  load_config, parse_test_args,
-                                  stage_test_output, check_test_outputs)
+from orepa_mm.utils.data_check import check_dataset_paths  # noqa: E402
+from orepa_mm.utils.errors import run_tool  # noqa: E402
+from orepa_mm.utils.cli import (add_dump_results, apply_test_args, build_runner, check_checkpoint_fits, check_checkpoints, load_config, parse_test_args, stage_test_output, check_test_outputs)
 
 
 def test(argv=None) -> None:

@@ -9,7 +9,7 @@ broken config, a malformed ``--cfg-options`` value, a work dir that is a file,
 a missing dataset, a missing, unreadable or unsafe checkpoint: ``--resume
 CKPT``, ``load_from``, a ``Pretrained`` ``init_cfg``) ends the run before
 anything is built or written, with one sentence on stderr and exit status 2
-(see ``orepa_mm.tool_io``; Ctrl-C: 130).
+(see ``orepa_mm.utils.errors``; Ctrl-C: 130).
 """
 import warnings
 
@@ -21,14 +21,11 @@ warnings.filterwarnings(
 import sys  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
-from orepa_mm.checkpoint_loading import \
+from orepa_mm.utils.checkpoint_io import \
     register_safe_checkpoint_loader  # noqa: E402
-from orepa_mm.data_check import check_dataset_paths  # noqa: E402
-from orepa_mm.tool_io import run_tool  # noqa: E402
-from orepa_mm.tools_utils import (apply_train_args,  # noqa: E402
-                                  build_runner, check_checkpoints,
-                                  config_scope, load_config, parse_train_args,
-                                  train_splits)
+from orepa_mm.utils.data_check import check_dataset_paths  # noqa: E402
+from orepa_mm.utils.errors import run_tool  # noqa: E402
+from orepa_mm.utils.cli import (apply_train_args, build_runner, check_checkpoints, config_scope, load_config, parse_train_args, train_splits)
 
 
 def train(argv=None) -> None:

@@ -1,4 +1,4 @@
-# OREPA Faster R-CNN on the synthetic shapes dataset (orepa_mm.datasets.synthetic), small enough
+# OREPA Faster R-CNN on the synthetic shapes dataset (tools/demo_dataset.py), small enough
 # to train from scratch on a 2-core CPU in a few minutes (450 iterations: 4-5 min, bbox mAP ~0.40
 # on the held-out images). `python tools/demo.py` runs it end to end (generate data -> train ->
 # COCO mAP -> re-parameterize -> same mAP). Also trainable alone:

@@ -1,4 +1,4 @@
-# OREPA PSPNet on the synthetic shapes dataset (orepa_mm.datasets.synthetic): a quarter-width
+# OREPA PSPNet on the synthetic shapes dataset (tools/demo_dataset.py): a quarter-width
 # OREPA-ResNet-18-D8 (V1c deep stem) trained from scratch, small enough for a 2-core CPU in a
 # few minutes (800 iterations: ~2 min, mIoU ~51 on the held-out images). `python tools/demo.py`
 # runs it after the detector (train -> mIoU -> re-parameterize -> same mIoU); also trainable alone:

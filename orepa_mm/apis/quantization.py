@@ -23,7 +23,7 @@
    the mm model (``model.extract_feat`` replaced; heads, RPN, post-processing in PyTorch).
 
 The report goes to stdout; ``out`` (JSON) and ``save_onnx`` (the INT8 model) are written only
-after everything succeeded, under the tools' write policy (:mod:`orepa_mm.tool_io`: both
+after everything succeeded, under the tools' write policy (:mod:`orepa_mm.utils.errors`: both
 names checked before any work, staged beside them, moved into place together). Bad input
 raises :class:`QuantizationCheckError` (one sentence, ``exit_code`` 2) before anything is
 written.
@@ -48,13 +48,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..checkpoint_check import state_dict_mismatch
 from ..deploy import count_reparameterizable
-from ..tool_io import OrepaInputError, OutputSet
-from .reparameterize import (DEPLOY_CHECKPOINT, DEPLOY_CONFIG, ReparameterizeError,
-                             _build_model, _first_line, _load_checkpoint_file, _load_config,
-                             _revise_keys, _state_dict_of)
-from .text_table import format_rows
+from ..utils.atomic_write import OutputSet
+from ..utils.checkpoint_check import state_dict_mismatch
+from ..utils.checkpoint_io import checkpoint_weights, read_checkpoint
+from ..utils.config_io import build_model, read_config
+from ..utils.errors import first_line, refusals_as
+from ..utils.text_table import format_rows
+from .reparameterize import DEPLOY_CHECKPOINT, DEPLOY_CONFIG, ReparameterizeError, log_step
 from .verification import FeatureExtractor, export_onnx, flatten_tensors, run_safely
 
 #: Defaults of the command line: small, so that a check takes a minute on a CPU.
@@ -460,7 +461,7 @@ def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: s
                             calibration_cache_path=cache)
         except Exception as exc:  # noqa: BLE001 - turned into one sentence
             raise QuantizationCheckError(f'ONNX Runtime quantization failed ({type(exc).__name__}'
-                                         f': {_first_line(exc)}).') from exc
+                                         f': {first_line(exc)}).') from exc
         finally:
             root.setLevel(level)
     ranges = {}
@@ -476,7 +477,7 @@ def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: s
                            settings)
 
 
-def compare_outputs(graphs: QuantizedGraphs, test_inputs: Sequence[Tensor],
+def compare_quantized_outputs(graphs: QuantizedGraphs, test_inputs: Sequence[Tensor],
                     threads: int = 1) -> Tuple[List[OutputQuality], Dict[str, float]]:
     """INT8 vs fp32 per output over ``test_inputs``, and the median ms per image of each."""
     fp32, int8 = _session(graphs.fp32_path, threads), _session(graphs.int8_path, threads)
@@ -620,7 +621,7 @@ def analyse_model(model: nn.Module, calib_inputs: Sequence[Tensor],
     with _work_folder(work_dir) as folder:
         graphs = quantize_model(model, calib_inputs, folder, calibration=calibration,
                                 keep_fp32=keep_fp32, per_channel=per_channel)
-        outputs, ms = compare_outputs(graphs, test_inputs, threads)
+        outputs, ms = compare_quantized_outputs(graphs, test_inputs, threads)
         layers = layer_risks(graphs, calib_inputs, threads)
     settings = dict(graphs.settings, threads=threads)
     report = QuantizationReport(source=source, settings=settings, calib_images=_count(calib_inputs),
@@ -735,7 +736,7 @@ def _check_deployed(model: nn.Module, config: str) -> None:
 def _val_dataset(cfg, config: str):
     from mmengine.registry import DATASETS, DefaultScope
 
-    from ..data_check import MissingDatasetError, check_dataset_paths
+    from ..utils.data_check import MissingDatasetError, check_dataset_paths
     loader = cfg.get('val_dataloader')
     if not isinstance(loader, dict) or not isinstance(loader.get('dataset'), dict):
         raise QuantizationCheckError(f'config {config} has no val_dataloader with a dataset; '
@@ -750,7 +751,7 @@ def _val_dataset(cfg, config: str):
             dataset = DATASETS.build(copy.deepcopy(loader['dataset']))
     except Exception as exc:  # noqa: BLE001
         raise QuantizationCheckError(f'cannot build the val dataset of {config} '
-                                     f'({type(exc).__name__}: {_first_line(exc)}).') from exc
+                                     f'({type(exc).__name__}: {first_line(exc)}).') from exc
     if len(dataset) == 0:
         raise QuantizationCheckError(f'the val dataset of {config} is empty.')
     return dataset
@@ -778,12 +779,6 @@ def _split(total: int, calib: int, images: int) -> Tuple[List[int], List[int], b
     return calib_ids, test_ids, bool(set(test_ids) & set(calib_ids))
 
 
-def _log(message: str, verbose: bool) -> None:
-    if verbose:
-        from mmengine.logging import print_log
-        print_log(message, logger='current')
-
-
 def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
                        images: int = DEFAULT_TEST_IMAGES, run_eval: bool = False,
                        out: Optional[str] = None, save_onnx: Optional[str] = None,
@@ -803,13 +798,15 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
                                      f', got {calibration!r}.')
     config, checkpoint = _check_deploy_dir(deploy_dir)
     outputs = _check_outputs(out, save_onnx)
-    cfg = _load_config(config)
+    with refusals_as(QuantizationCheckError):
+        cfg = read_config(config)
     if run_eval and not cfg.get('val_evaluator'):
         raise QuantizationCheckError(f'config {config} has no val_evaluator; run without --eval.')
     dataset = _val_dataset(cfg, config)
-    model = _build_model(cfg, 'cpu', 'deployed')
-    _check_deployed(model, config)
-    state = _revise_keys(_state_dict_of(_load_checkpoint_file(checkpoint), checkpoint))
+    with refusals_as(QuantizationCheckError):
+        model = build_model(cfg, 'cpu', 'deployed')
+        _check_deployed(model, config)
+        state = checkpoint_weights(read_checkpoint(checkpoint), checkpoint)
     mismatch = state_dict_mismatch(model.state_dict(), state)
     if mismatch is not None:
         raise QuantizationCheckError(f'checkpoint {checkpoint} does not fit {config}: '
@@ -824,7 +821,7 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
         test_inputs = _preprocessed(model, dataset, test_ids)
     except Exception as exc:  # noqa: BLE001 - unreadable images, pipeline errors
         raise QuantizationCheckError(f'cannot load the val images of {config} '
-                                     f'({type(exc).__name__}: {_first_line(exc)}).') from exc
+                                     f'({type(exc).__name__}: {first_line(exc)}).') from exc
     notes = []
     if len(calib_ids) < calib:
         notes.append(f'note: the val dataset has {len(dataset)} images; calibrated on '
@@ -834,7 +831,7 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
                      'images; they overlap.')
 
     with tempfile.TemporaryDirectory(prefix='orepa_int8.') as tmp:
-        _log(f'quantizing backbone + neck on {len(calib_ids)} calibration images', verbose)
+        log_step(f'quantizing backbone + neck on {len(calib_ids)} calibration images', verbose)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             report, graphs = analyse_model(model, calib_inputs, test_inputs, work_dir=tmp,
@@ -843,7 +840,7 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
         report.notes = notes
         if run_eval:
             for kind, path in (('fp32', graphs.fp32_path), ('int8', graphs.int8_path)):
-                _log(f'evaluating with the {kind} backbone + neck in ONNX Runtime', verbose)
+                log_step(f'evaluating with the {kind} backbone + neck in ONNX Runtime', verbose)
                 features = OnnxFeatures(path, graphs.output_names, graphs.single_output, threads)
                 try:
                     with warnings.catch_warnings():
@@ -852,7 +849,7 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
                 except Exception as exc:  # noqa: BLE001
                     raise QuantizationCheckError(
                         f'evaluating the {kind} model failed ({type(exc).__name__}: '
-                        f'{_first_line(exc)}).') from exc
+                        f'{first_line(exc)}).') from exc
             names = list(report.metrics['fp32'])
             report.metric_names = [m for m in HEADLINE_METRICS if m in names] + [
                 m for m in names if m not in HEADLINE_METRICS]
@@ -870,16 +867,14 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
 
 
 def _check_outputs(out: Optional[str], save_onnx: Optional[str]) -> OutputSet:
-    """``--out`` and ``--save-onnx`` as one :class:`~orepa_mm.tool_io.OutputSet`, checked
+    """``--out`` and ``--save-onnx`` as one :class:`~orepa_mm.utils.atomic_write.OutputSet`, checked
     before any work (empty, the same file twice, a directory, an unwritable folder)."""
     outputs = OutputSet('name another file')
-    try:
+    with refusals_as(QuantizationCheckError):
         for path, flag in ((out, '--out'), (save_onnx, '--save-onnx')):
             if path is not None:
                 outputs.add(path, flag)
         return outputs.check()
-    except OrepaInputError as exc:
-        raise QuantizationCheckError(str(exc)) from None
 
 
 def _copy(source: str, target: str) -> None:

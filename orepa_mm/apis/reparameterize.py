@@ -4,7 +4,7 @@
 and callable from Python (demos, notebooks):
 
 1. read the config and the checkpoint (orepa_mm's safe runner-checkpoint loader,
-   :func:`orepa_mm.checkpoint_loading.read_checkpoint`: a malicious file is refused for safety,
+   :func:`orepa_mm.utils.checkpoint_io.read_checkpoint`: a malicious file is refused for safety,
    a broken one named as such), pick the weights (EMA when present, see
    :func:`select_weights`) and check they fit the train-time model key for key;
 2. bake every re-param layer into a stock conv (float64, :mod:`orepa_mm.deploy`) and let the
@@ -20,7 +20,7 @@ and callable from Python (demos, notebooks):
    at ``ARTEFACT_RTOL``; optionally export backbone (+neck) to ONNX and check onnxruntime;
 5. only then write ``deploy.pth``, ``deploy_config.py`` (and ``deploy_backbone.onnx``),
    staged in a fresh temporary directory beside them and moved into place together
-   (:mod:`orepa_mm.tool_io`'s write policy; every name was checked before any work);
+   (:mod:`orepa_mm.utils.errors`'s write policy; every name was checked before any work);
    ``deploy.pth`` is read back from disk first and must hold the verified tensors bit for bit.
 
 Every refusal is a :class:`ReparameterizeError` whose message is one sentence and whose
@@ -30,9 +30,7 @@ import contextlib
 import copy
 import datetime
 import io
-import os
 import os.path as osp
-import re
 import shutil
 import tempfile
 import warnings
@@ -44,20 +42,20 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import MODELS, DefaultScope
 
-from ..checkpoint_loading import read_checkpoint
-from ..deploy import count_reparameterizable, reparam_sites, reparameterize_model
-from ..tool_io import EXIT_BAD_INPUT as TOOLS_EXIT_BAD_INPUT
-from ..tool_io import OrepaInputError, OutputSet, check_readable_file, first_line, write_files
+from ..deploy import has_own_deploy_step, reparam_sites, reparameterize_model
+from ..utils.atomic_write import OutputSet, check_writable_dir, write_files
+from ..utils.checkpoint_io import read_checkpoint, select_weights
+from ..utils.config_io import build_model, read_config, reload_config
+from ..utils.errors import EXIT_BAD_INPUT as TOOLS_EXIT_BAD_INPUT
+from ..utils.errors import OrepaInputError, first_line, refusals_as
 from .bias_fold import BiasFoldError, fold_conv_biases
 from .deploy_config import deploy_config
 from .verification import (OUTPUT_GROUPS, OutputError, check_onnx, compare_outputs, complexity,
                            config_input_size, deterministic_image)
 from .verification import export_onnx as _export_onnx
 from .verification import library_of, make_batch, model_outputs, run_safely
-from .text_table import format_rows, human_number
+from ..utils.text_table import format_rows, human_number
 
 DEPLOY_CHECKPOINT = 'deploy.pth'
 DEPLOY_CONFIG = 'deploy_config.py'
@@ -77,7 +75,7 @@ ARTEFACT_RTOL = 1e-4
 ARTEFACT_ROW = 'deploy.pth as written (float32 weights), worst output'
 FLOAT32_ROW = 'float32 (written weights), worst output'
 
-EXIT_BAD_INPUT = TOOLS_EXIT_BAD_INPUT  # 2 in every tool (orepa_mm.tool_io)
+EXIT_BAD_INPUT = TOOLS_EXIT_BAD_INPUT  # 2 in every tool (orepa_mm.utils.errors)
 EXIT_ALREADY_DEPLOYED = 3
 EXIT_VERIFICATION_FAILED = 4
 
@@ -107,10 +105,6 @@ class VerificationError(ReparameterizeError):
     def __init__(self, message: str, errors: Sequence[OutputError] = ()):
         super().__init__(message)
         self.errors = list(errors)
-
-
-def _first_line(exc: BaseException) -> str:
-    return first_line(exc)
 
 
 def _listing(keys: Sequence[str], limit: int = 3) -> str:
@@ -186,144 +180,6 @@ def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
     return format_rows(rows)
 
 
-# -- reading inputs ---------------------------------------------------------------------------
-_FIX = {'config': 'pass the train-time config the checkpoint was trained with',
-        'checkpoint': 'pass a checkpoint written by tools/train.py'}
-
-
-def _check_readable(path: str, what: str) -> None:
-    try:
-        check_readable_file(path, what, _FIX.get(what, f'pass an existing {what} file'))
-    except OrepaInputError as exc:
-        raise ReparameterizeError(str(exc)) from None
-
-
-def _check_writable_dir(out_dir: str) -> None:
-    """Fail before any work when ``out_dir`` cannot be created or written.
-
-    ``os.access`` is not enough (as root it answers yes for ``/proc``), so this probes: it
-    creates the missing directories of the chain and a temporary file in ``out_dir``, then
-    removes everything it created, whether the probe succeeded or not.
-    """
-    target = osp.abspath(out_dir)
-    if osp.exists(target) and not osp.isdir(target):
-        raise ReparameterizeError(f'output directory {out_dir} is an existing file.')
-    missing = []
-    probe = target
-    while not osp.lexists(probe):
-        missing.append(probe)
-        probe = osp.dirname(probe)
-    if not osp.isdir(probe):
-        raise ReparameterizeError(f'output directory {out_dir} cannot be created: {probe} '
-                                  'is a file.')
-    created = []
-    try:
-        for path in reversed(missing):
-            os.mkdir(path)
-            created.append(path)
-        fd, tmp = tempfile.mkstemp(prefix='.write-probe-', dir=target)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        where = f'{exc.filename}: ' if exc.filename else ''
-        raise ReparameterizeError(f'output directory {out_dir} is not writable ({where}'
-                                  f'{exc.strerror or _first_line(exc)}).') from None
-    finally:
-        for path in reversed(created):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-
-
-def _load_config(path: str) -> Config:
-    _check_readable(path, 'config')
-    try:
-        cfg = Config.fromfile(path)
-    except Exception as exc:  # noqa: BLE001 - syntax errors, failed custom imports, ...
-        raise ReparameterizeError(f'cannot read config {path} ({type(exc).__name__}: '
-                                  f'{_first_line(exc)}).') from exc
-    if not isinstance(cfg.get('model'), dict):
-        raise ReparameterizeError(f'config {path} has no `model` dict.')
-    return cfg
-
-
-def _load_checkpoint_file(path: str) -> dict:
-    """The checkpoint, read as mmengine's loader with orepa_mm's safe unpickler does; one
-    sentence for a missing, empty, truncated, foreign or not-a-dict file, and a malicious one
-    named as refused for safety (:func:`orepa_mm.checkpoint_loading.read_checkpoint`)."""
-    try:
-        checkpoint = read_checkpoint(path, fix=_FIX['checkpoint'])
-    except OrepaInputError as exc:
-        raise ReparameterizeError(str(exc)) from None
-    if not isinstance(checkpoint, dict):
-        raise ReparameterizeError(f'checkpoint {path} holds a {type(checkpoint).__name__}, '
-                                  'not a state dict.')
-    return checkpoint
-
-
-def _state_dict_of(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
-    state = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(v, torch.Tensor) for v in state.values()):
-        raise ReparameterizeError(f'checkpoint {path} has no model weights (no `state_dict` of '
-                                  'tensors).')
-    return state
-
-
-def select_weights(checkpoint: dict, path: str,
-                   use_ema: Optional[bool]) -> Tuple[Dict[str, torch.Tensor], bool, str]:
-    """The state dict to convert, whether it is the EMA one, and a line saying which.
-
-    mmengine's ``EMAHook`` saves the averaged weights *under* ``state_dict`` and moves the raw
-    model's weights into ``ema_state_dict`` (keys ``module.<name>``, plus ``steps``), so that
-    plain loading gets the EMA model (``EMAHook.before_save_checkpoint`` /
-    ``_swap_ema_state_dict``). Hence: EMA wanted -> ``state_dict``; ``use_ema=False`` -> the
-    raw weights swapped back from ``ema_state_dict``. ``use_ema=None`` uses EMA when present.
-    """
-    state = _state_dict_of(checkpoint, path)
-    ema = checkpoint.get('ema_state_dict')
-    has_ema = isinstance(ema, dict) and any(k.startswith('module.') for k in ema)
-    if not has_ema:
-        if use_ema:
-            raise ReparameterizeError(f'checkpoint {path} has no EMA weights (no '
-                                      '`ema_state_dict`); run without --ema.')
-        return dict(state), False, 'model weights (the checkpoint has no EMA weights)'
-    steps = ema.get('steps')
-    steps = f', {int(steps)} EMA steps' if isinstance(steps, torch.Tensor) else ''
-    if use_ema is False:
-        raw = dict(state)
-        raw.update({k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')})
-        return raw, False, f'raw model weights (--no-ema; EMA weights ignored{steps})'
-    return dict(state), True, f'EMA weights (mmengine EMAHook{steps})'
-
-
-def _revise_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Strip a DDP ``module.`` prefix, as mmengine's ``load_checkpoint`` does by default."""
-    return {re.sub(r'^module\.', '', k): v for k, v in state.items()}
-
-
-# -- models ------------------------------------------------------------------------------------
-def _build_model(cfg: Config, device: str, what: str) -> nn.Module:
-    """Build ``cfg.model`` in the config's scope, SyncBN reverted, eval mode, on ``device``."""
-    try:
-        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-            model = MODELS.build(copy.deepcopy(cfg.model))  # some models edit their cfg
-    except Exception as exc:  # noqa: BLE001 - unknown types, bad arguments
-        raise ReparameterizeError(f'cannot build the {what} model ({type(exc).__name__}: '
-                                  f'{_first_line(exc)}).') from exc
-    # A single process has no process group: SyncBN cannot run, and at inference it is a BN.
-    model = revert_sync_batchnorm(model)
-    model.to(device)
-    model.eval()  # mmdet's/mmseg's ResNet.train() returns None: never chain it
-    return model
-
-
-def _is_orepa_backbone(module: nn.Module) -> bool:
-    return (type(module).__module__.startswith('orepa_mm.')
-            and callable(getattr(module, 'switch_to_deploy', None)))
-
-
 def _check_keys(model: nn.Module, state: Dict[str, torch.Tensor], deployed_keys: Sequence[str],
                 checkpoint: str, config: str) -> None:
     """Refuse a checkpoint that does not fit the train-time model exactly."""
@@ -354,15 +210,6 @@ def _dump_text(cfg: Config, source: str) -> str:
               f'# from {osp.abspath(source)}; weights: {DEPLOY_CHECKPOINT}. Stock modules only:\n'
               '# inference, tools/test.py and mmdeploy need no `import orepa_mm`.\n')
     return header + cfg.dump()
-
-
-def _reload(text: str) -> Config:
-    """The dumped config, read back as the file will be read (catches dump problems)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = osp.join(tmp, DEPLOY_CONFIG)
-        with open(path, 'w', encoding='utf-8') as f:
-            f.write(text)
-        return Config.fromfile(path)
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -399,23 +246,27 @@ def _save_text(text: str) -> Callable[[str], None]:
     return write
 
 
-def write_atomically(out_dir: str, writers: Dict[str, Callable[[str], None]],
-                     optional: Sequence[str] = ()) -> Dict[str, str]:
-    """Write ``{name: write(path)}`` into ``out_dir`` under the tools' write policy
-    (:class:`orepa_mm.tool_io.OutputSet`): staged in a fresh temporary directory beside the
-    targets, moved into place together, the previous files kept until then and restored on
-    any failure or interrupt; a missing ``out_dir`` appears only with its files. ``optional``
-    names without a writer are removed when present (an earlier run's stale output).
-    """
+def write_deployment(out_dir: str, state: Dict[str, torch.Tensor], meta: dict, config_text: str,
+                     extra: Optional[Dict[str, Callable[[str], None]]] = None) -> Dict[str, str]:
+    """Write ``deploy.pth`` (``meta`` + ``state``) and ``deploy_config.py`` (``config_text``),
+    plus ``extra`` ``{name: write(path)}``, into ``out_dir`` all or nothing; returns
+    ``{name: path}``. ``deploy.pth`` is read back from disk and must hold ``state`` bit for bit;
+    a stale ``deploy_backbone.onnx`` of an earlier run is removed unless ``extra`` writes it."""
+    writers = {
+        DEPLOY_CHECKPOINT: _verified_on_disk(
+            _save_checkpoint(dict(meta=_plain(copy.deepcopy(meta)), state_dict=state)), state),
+        DEPLOY_CONFIG: _save_text(config_text),
+        **(extra or {}),
+    }
     targets = {osp.join(out_dir, name): write for name, write in writers.items()}
     try:
-        finals = write_files(targets, flags={path: '--out' for path in targets},
-                             optional=[osp.join(out_dir, name) for name in optional],
-                             fix='pass --out another directory')
-    except ReparameterizeError:
-        raise
-    except OrepaInputError as exc:
-        raise ReparameterizeError(str(exc)) from None
+        with refusals_as(ReparameterizeError):
+            finals = write_files(targets, flags={path: '--out' for path in targets},
+                                 optional=[osp.join(out_dir, DEPLOY_ONNX)],
+                                 fix='pass --out another directory')
+    except OSError as exc:
+        raise ReparameterizeError(f'cannot write to {out_dir} '
+                                  f'({exc.strerror or first_line(exc)}).') from exc
     return {name: finals[path] for name, path in zip(writers, targets)}
 
 
@@ -428,14 +279,12 @@ def _check_outputs(out_dir: str) -> None:
     outputs = OutputSet('pass --out another directory')
     for name in (DEPLOY_CHECKPOINT, DEPLOY_CONFIG, DEPLOY_ONNX):
         outputs.add(osp.join(out_dir, name), '--out')
-    try:
-        outputs.check()
-    except OrepaInputError as exc:
-        raise ReparameterizeError(str(exc)) from None
+    outputs.check()
 
 
 # -- the conversion ----------------------------------------------------------------------------
-def _log(message: str, verbose: bool) -> None:
+def log_step(message: str, verbose: bool) -> None:
+    """A step of a conversion or check, to mmengine's current logger when ``verbose``."""
     if verbose:
         print_log(message, logger='current')
 
@@ -483,29 +332,29 @@ def reparameterize_checkpoint(config: str,
             :class:`VerificationError` (4). Nothing is written in any of these cases.
     """
     _check_args(device, input_size, rtol)
-    _check_writable_dir(out_dir)
-    _check_outputs(out_dir)
-    cfg = _load_config(config)
-    ckpt = _load_checkpoint_file(checkpoint)
-    meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
-    if isinstance(meta.get('reparameterized'), dict):
-        source = meta['reparameterized'].get('source_checkpoint', 'a train-time checkpoint')
-        raise AlreadyDeployedError(f'checkpoint {checkpoint} is already re-parameterized (made '
-                                   f'from {source}); use it as is with its deploy_config.py.')
-
-    model = _build_model(cfg, device, 'train-time')
-    if count_reparameterizable(model) == 0 and not any(map(_is_orepa_backbone, model.modules())):
-        raise ReparameterizeError(f'the model of config {config} has nothing to re-parameterize '
-                                  '(no OREPA/DBB conv and no orepa_mm backbone).')
-    deployed_text, deployed_cfg = _deployed_config(cfg, config)
-    stock = _build_model(deployed_cfg, device, 'deployed (stock)')
-
-    state, ema_used, weights = select_weights(ckpt, checkpoint, use_ema)
-    state = _revise_keys(state)
+    with refusals_as(ReparameterizeError):
+        check_writable_dir(out_dir)
+        _check_outputs(out_dir)
+        cfg = read_config(config, 'pass the train-time config the checkpoint was trained with')
+        ckpt = read_checkpoint(checkpoint)
+        meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
+        if isinstance(meta.get('reparameterized'), dict):
+            source = meta['reparameterized'].get('source_checkpoint', 'a train-time checkpoint')
+            raise AlreadyDeployedError(f'checkpoint {checkpoint} is already re-parameterized '
+                                       f'(made from {source}); use it as is with its '
+                                       'deploy_config.py.')
+        model = build_model(cfg, device, 'train-time')
+        if not any(reparam_sites(model)) and not any(map(has_own_deploy_step, model.modules())):
+            raise ReparameterizeError(f'the model of config {config} has nothing to '
+                                      're-parameterize (no OREPA/DBB conv and no orepa_mm '
+                                      'backbone).')
+        deployed_text, deployed_cfg = deployed_config_text(cfg, config)
+        stock = build_model(deployed_cfg, device, 'deployed (stock)')
+        state, ema_used, weights = select_weights(ckpt, checkpoint, use_ema)
     _check_keys(model, state, list(stock.state_dict()), checkpoint, config)
     model.load_state_dict(state, strict=True)
     model.eval()
-    _log(f'weights: {weights}', verbose)
+    log_step(f'weights: {weights}', verbose)
     num_baked = _convert_into(stock, model, config, verbose)
     # Everything below runs on what deploy.pth will hold, read back from its bytes.
     written_state = _written_state(stock)
@@ -516,7 +365,7 @@ def reparameterize_checkpoint(config: str,
     else:
         size, size_source = tuple(input_size), '--input-size'
     image = deterministic_image(size).to(device)
-    _log(f'verifying on a 1x3x{size[0]}x{size[1]} input ({size_source})', verbose)
+    log_step(f'verifying on a 1x3x{size[0]}x{size[1]} input ({size_source})', verbose)
     errors = _verify(model, stock, image, rtol, verbose)
     inputs = make_batch(stock, image)['inputs']
     train_cost, deploy_cost = complexity(model, inputs), complexity(stock, inputs)
@@ -551,19 +400,8 @@ def reparameterize_checkpoint(config: str,
             onnx_max_rel_error=max([e.rel for e in onnx_errors], default=None),
             errors={e.name: e.as_dict() for e in errors + onnx_errors},
         )
-        new_meta = _plain(copy.deepcopy(meta))
-        new_meta['reparameterized'] = record
-        writers = {
-            DEPLOY_CHECKPOINT: _verified_on_disk(
-                _save_checkpoint(dict(meta=new_meta, state_dict=written_state)), written_state),
-            DEPLOY_CONFIG: _save_text(deployed_text),
-            **writers,
-        }
-        try:
-            finals = write_atomically(out_dir, writers, optional=(DEPLOY_ONNX, ))
-        except OSError as exc:
-            raise ReparameterizeError(f'cannot write to {out_dir} '
-                                      f'({exc.strerror or _first_line(exc)}).') from exc
+        new_meta = dict(meta, reparameterized=record)
+        finals = write_deployment(out_dir, written_state, new_meta, deployed_text, writers)
 
     return ReparameterizeResult(
         config=config, checkpoint=checkpoint, out_dir=out_dir,
@@ -574,14 +412,15 @@ def reparameterize_checkpoint(config: str,
         train_cost=train_cost, deploy_cost=deploy_cost)
 
 
-def _deployed_config(cfg: Config, config: str) -> Tuple[str, Config]:
-    """The text of ``deploy_config.py`` and the config read back from exactly that text."""
+def deployed_config_text(cfg: Config, config: str) -> Tuple[str, Config]:
+    """The text of ``deploy_config.py`` for the train-time ``cfg`` (read from ``config``) and
+    the config read back from exactly that text."""
     try:
         text = _dump_text(deploy_config(cfg), config)
-        return text, _reload(text)
+        return text, reload_config(text, DEPLOY_CONFIG)
     except Exception as exc:  # noqa: BLE001 - a value Config cannot dump, a failed re-import
         raise ReparameterizeError(f'cannot write a deployed config for {config} '
-                                  f'({type(exc).__name__}: {_first_line(exc)}).') from exc
+                                  f'({type(exc).__name__}: {first_line(exc)}).') from exc
 
 
 def _baked(model: nn.Module, stock_keys: Sequence[str], progress: bool = False) -> nn.Module:
@@ -599,7 +438,7 @@ def _baked(model: nn.Module, stock_keys: Sequence[str], progress: bool = False) 
 def _convert_into(stock: nn.Module, model: nn.Module, config: str, verbose: bool) -> int:
     """Bake a copy of ``model`` and load it strictly into ``stock``; returns the layer count."""
     num_baked = len(list(reparam_sites(model)))
-    _log(f'baking {num_baked} re-param layers in float64', verbose)
+    log_step(f'baking {num_baked} re-param layers in float64', verbose)
     deployed = _baked(model, list(stock.state_dict()), progress=verbose)
     missing, unexpected = stock.load_state_dict(deployed.state_dict(), strict=False)
     if missing or unexpected:
@@ -628,7 +467,8 @@ def _artefact_model(deployed_cfg: Config, state: Dict[str, torch.Tensor],
     """What a user gets from ``deploy_config.py`` + ``deploy.pth``: a fresh stock model built
     from the deployed config, ``state`` loaded strictly. Nothing of the conversion's own model
     object (its buffers, its modules) reaches the gate."""
-    artefact = _build_model(deployed_cfg, device, 'deployed (stock)')
+    with refusals_as(ReparameterizeError):
+        artefact = build_model(deployed_cfg, device, 'deployed (stock)')
     artefact.load_state_dict(state, strict=True)
     artefact.eval()
     return artefact
@@ -754,7 +594,7 @@ def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float
         worst = max(informative, key=lambda e: e.rel)
         errors.append(OutputError(FLOAT32_ROW, worst.max_abs, worst.rel, gated=False,
                                   note=worst.name))
-    _log('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
+    log_step('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
          verbose)
     failed = [e for e in errors if not e.passes(rtol)]
     if failed:
@@ -781,7 +621,7 @@ def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str,
     """Export backbone (+ neck) to ``path`` and compare onnxruntime with PyTorch (float32,
     gated at ``ONNX_RTOL``)."""
     rtol = ONNX_RTOL
-    _log('exporting backbone (+neck) to ONNX and checking onnxruntime', verbose)
+    log_step('exporting backbone (+neck) to ONNX and checking onnxruntime', verbose)
     try:
         names = run_safely('ONNX export', _export_onnx, stock, inputs, path)
         onnx_errors = run_safely('onnxruntime', check_onnx, stock, inputs, path, names)
@@ -789,7 +629,7 @@ def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str,
         raise ReparameterizeError(f'{exc}.') from exc
     for error in onnx_errors:
         error.tolerance = rtol
-    _log('onnxruntime vs PyTorch, per output:\n' + '\n'.join(format_errors(onnx_errors, rtol)),
+    log_step('onnxruntime vs PyTorch, per output:\n' + '\n'.join(format_errors(onnx_errors, rtol)),
          verbose)
     failed = [e for e in onnx_errors if not e.passes(rtol)]
     if failed:

@@ -16,7 +16,7 @@ import os.path as osp
 from importlib import import_module
 from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
-from .tool_io import OrepaInputError
+from .errors import OrepaInputError
 
 __all__ = ['MissingDatasetError', 'check_dataset_paths', 'iter_dataset_paths']
 

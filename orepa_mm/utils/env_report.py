@@ -1,4 +1,4 @@
-"""One line describing the installed stack, for bug reports: ``python -m orepa_mm.env_report``.
+"""One line describing the installed stack, for bug reports: ``python -m orepa_mm.utils.env_report``.
 
 ``make install`` ends with it. It names what decides whether orepa_mm can work here: torch and
 the CUDA it was built for, whether mmcv has its compiled ops (and CUDA ops), the three

@@ -37,8 +37,7 @@ import pickletools
 import re
 import warnings
 from importlib import import_module
-from typing import (Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple,
-                    Union)
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,11 +45,12 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.optim.scheduler.param_scheduler import OneCycleParamScheduler
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .tool_io import OrepaInputError, check_readable_file, first_line
+from .errors import OrepaInputError, check_readable_file, first_line
 
 __all__ = [
     'CorruptCheckpointError', 'UnsafeCheckpointError', 'checkpoint_weights', 'load_from_local',
-    'read_checkpoint', 'register_safe_checkpoint_loader', 'runner_checkpoint_safe_globals'
+    'read_checkpoint', 'register_safe_checkpoint_loader', 'runner_checkpoint_safe_globals',
+    'select_weights', 'unwrap_state_dict'
 ]
 
 SafeGlobal = Union[Callable, Tuple[Callable, str]]
@@ -301,7 +301,7 @@ def load_from_local(filename: str, map_location: Any = None) -> Dict:
 
 def read_checkpoint(path: str, what: str = 'checkpoint',
                     fix: str = 'pass a checkpoint written by tools/train.py') -> Dict:
-    """The checkpoint a tool was given, or an :class:`~orepa_mm.tool_io.OrepaInputError`
+    """The checkpoint a tool was given, or an :class:`~orepa_mm.utils.errors.OrepaInputError`
     sentence: missing / a directory / unreadable, empty, truncated or not a PyTorch file,
     refused for safety (:class:`UnsafeCheckpointError`), or not a dict."""
     full = check_readable_file(path, what, fix)
@@ -320,16 +320,55 @@ def read_checkpoint(path: str, what: str = 'checkpoint',
     return checkpoint
 
 
-def checkpoint_weights(checkpoint: Mapping, path: str, what: str = 'checkpoint',
-                       fix: str = 'pass a checkpoint written by tools/train.py') -> Mapping:
-    """``checkpoint['state_dict']`` (or the checkpoint itself when it is a bare state
-    dict): a non-empty mapping of tensors, else one sentence."""
-    state = checkpoint.get('state_dict', checkpoint)
+def unwrap_state_dict(checkpoint: Any) -> Optional[Dict[str, torch.Tensor]]:
+    """The model weights of a loaded checkpoint, the one way every tool reads them:
+    ``checkpoint['state_dict']`` (or the checkpoint itself when it is a bare state dict), with
+    DDP's ``module.`` prefixes stripped as mmengine's ``load_checkpoint`` does by default.
+    None unless that is a non-empty mapping of tensors."""
+    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(
             isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    return {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+
+
+def checkpoint_weights(checkpoint: Mapping, path: str, what: str = 'checkpoint',
+                       fix: str = 'pass a checkpoint written by tools/train.py'
+                       ) -> Dict[str, torch.Tensor]:
+    """:func:`unwrap_state_dict`, or one sentence when the checkpoint holds no weights."""
+    state = unwrap_state_dict(checkpoint)
+    if state is None:
         raise CorruptCheckpointError(
             f'{what} {path} holds no model weights (no state_dict of tensors); {fix}.')
     return state
+
+
+def select_weights(checkpoint: Mapping, path: str, use_ema: Optional[bool]
+                   ) -> Tuple[Dict[str, torch.Tensor], bool, str]:
+    """The weights to deploy, whether they are the EMA ones, and a line saying which.
+
+    mmengine's ``EMAHook`` saves the averaged weights *under* ``state_dict`` and moves the raw
+    model's weights into ``ema_state_dict`` (keys ``module.<name>``, plus ``steps``), so that
+    plain loading gets the EMA model (``EMAHook.before_save_checkpoint`` /
+    ``_swap_ema_state_dict``). Hence: EMA wanted -> ``state_dict``; ``use_ema=False`` -> the
+    raw weights swapped back from ``ema_state_dict``. ``use_ema=None`` uses EMA when present.
+    Keys come without DDP's ``module.`` prefix (:func:`unwrap_state_dict`).
+    """
+    state = checkpoint_weights(checkpoint, path)
+    ema = checkpoint.get('ema_state_dict')
+    has_ema = isinstance(ema, dict) and any(k.startswith('module.') for k in ema)
+    if not has_ema:
+        if use_ema:
+            raise OrepaInputError(f'checkpoint {path} has no EMA weights (no '
+                                  '`ema_state_dict`); run without --ema.')
+        return state, False, 'model weights (the checkpoint has no EMA weights)'
+    steps = ema.get('steps')
+    steps = f', {int(steps)} EMA steps' if isinstance(steps, torch.Tensor) else ''
+    if use_ema is False:
+        raw = dict(state)
+        raw.update({k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')})
+        return raw, False, f'raw model weights (--no-ema; EMA weights ignored{steps})'
+    return state, True, f'EMA weights (mmengine EMAHook{steps})'
 
 
 def register_safe_checkpoint_loader() -> None:

@@ -1,4 +1,4 @@
-"""A small procedurally drawn dataset for the demo and the tests, in COCO and mmseg formats.
+"""The demo's dataset: small, procedurally drawn, in COCO and mmseg formats (demo-only).
 
 Real datasets cannot be downloaded everywhere, so ``tools/demo.py`` and the tests draw their own:
 circles, squares, triangles and stars (the four classes) in eight colours (each class favours
@@ -23,13 +23,13 @@ import json
 import math
 import os
 import os.path as osp
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
+
+from orepa_mm.utils.atomic_write import OutputSet
 
 __all__ = ['CLASSES', 'SEG_CLASSES', 'DET_METAINFO', 'SEG_METAINFO', 'DemoDatasetSpec',
            'generate_demo_dataset', 'ensure_demo_dataset', 'draw_sample']
@@ -269,11 +269,11 @@ def generate_demo_dataset(root: str = 'data/demo', spec: Optional[DemoDatasetSpe
     moved into place at the end, so an interrupted run never leaves a half-written dataset.
     """
     spec = spec or DemoDatasetSpec(**kwargs)
-    root = osp.abspath(root)
-    parent = osp.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-demo-', dir=parent)
-    try:
+    outputs = OutputSet('pass another data root')
+    root = outputs.add(os.fspath(root), 'data root', kind='dir')
+    outputs.check()
+    with outputs.write() as staged:
+        tmp = staged[root]
         # train and val come from independent streams of the same seed
         train_rng, val_rng = [np.random.default_rng(s)
                               for s in np.random.SeedSequence(spec.seed).spawn(2)]
@@ -282,12 +282,6 @@ def generate_demo_dataset(root: str = 'data/demo', spec: Optional[DemoDatasetSpe
         meta = dict(spec=asdict(spec), counts=counts, classes=list(CLASSES))
         with open(osp.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1)
-        if osp.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -5,7 +5,7 @@ model were built: ``init_weights`` (a ``Pretrained`` ``init_cfg``) or the
 Runner's ``load_checkpoint`` (``load_from``, ``--resume CKPT``,
 ``tools/test.py CONFIG CKPT``) raises ``FileNotFoundError`` at the end of a
 long traceback. The tools call :func:`check_checkpoint_paths` before building
-the Runner, next to :func:`orepa_mm.data_check.check_dataset_paths`.
+the Runner, next to :func:`orepa_mm.utils.data_check.check_dataset_paths`.
 
 Only local paths are checked: anything with a scheme (``torchvision://``,
 ``open-mmlab://``, ``mmcls://``, ``http(s)://``, ``s3://`` ...) is mmengine's
@@ -20,14 +20,14 @@ import os
 import os.path as osp
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Tuple
 
-from .tool_io import OrepaInputError
+from .errors import OrepaInputError
 
 __all__ = [
     'CheckpointKind', 'MissingCheckpointError', 'check_checkpoint_paths', 'describe_checkpoint',
     'iter_pretrained_checkpoints', 'state_dict_mismatch'
 ]
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PRETRAINED_TYPES = ('Pretrained', 'PretrainedInit')
 # Stock weights the OREPA ResNets load exactly (mmengine's hub names).
 TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)

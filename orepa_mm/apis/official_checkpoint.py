@@ -15,7 +15,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .cnn.kernels import frequency_prior, grouped_identity
+from ..cnn.kernels import frequency_prior, grouped_identity
+from ..utils.checkpoint_io import unwrap_state_dict
 
 # The authors' branch-parameter names -> orepa_mm's (OREPAConv2d / OREPAConv1x1).
 _KXK = {'origin': 'origin', 'avg_conv': 'avg_1x1', 'pfir_conv': 'prior_1x1',
@@ -55,16 +56,6 @@ class ConversionReport:
         if self.added:
             out.append('added as zeros (dormant branches): ' + ', '.join(self.added))
         return out
-
-
-def unwrap_state_dict(checkpoint) -> Dict[str, Tensor]:
-    """``{'state_dict': ...}`` or a bare dict, without DataParallel ``module.`` prefixes."""
-    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(v, Tensor) for v in state.values()):
-        raise OfficialCheckpointError('it holds no state dict of tensors')
-    return OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
-                       for k, v in state.items())
 
 
 def _blocks_per_stage(state, prefix_fmt) -> Tuple[int, ...]:
@@ -221,11 +212,11 @@ def _convert_repvgg(state, report) -> Dict[str, Tensor]:
 def build_target_backbone(architecture: dict):
     """A freshly built orepa_mm backbone of the inferred architecture (key/shape reference)."""
     if architecture['family'] == 'resnet':
-        from .models.backbones.for_mmpretrain import OREPAResNet
+        from ..models.backbones.for_mmpretrain import OREPAResNet
         return OREPAResNet(depth=architecture['depth'],
                            base_channels=architecture['base_channels'],
                            stem_channels=architecture['stem_channels'])
-    from .models.backbones.orepa_vgg import OREPAVGG
+    from ..models.backbones.orepa_vgg import OREPAVGG
     return OREPAVGG(arch=architecture['arch'], base_channels=architecture['base_channels'])
 
 
@@ -236,6 +227,8 @@ def convert_official_state_dict(checkpoint) -> Tuple[Dict[str, Tensor], Conversi
     authors' OREPA checkpoint or does not map completely onto the inferred backbone.
     """
     state = unwrap_state_dict(checkpoint)
+    if state is None:
+        raise OfficialCheckpointError('it holds no state dict of tensors')
     architecture = detect_architecture(state)
     report = ConversionReport(architecture)
     for key, value in state.items():

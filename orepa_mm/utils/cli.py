@@ -23,11 +23,12 @@ from typing import Mapping, Optional, Sequence
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from .atomic_write import OutputSet
 from .checkpoint_check import (check_checkpoint_paths, iter_pretrained_checkpoints,
                                state_dict_mismatch)
-from .checkpoint_loading import checkpoint_weights, read_checkpoint
-from .tool_io import (EXIT_BAD_INPUT, OrepaInputError, OutputSet, check_readable_file,
-                      first_line)
+from .checkpoint_io import checkpoint_weights, read_checkpoint
+from .config_io import read_config
+from .errors import EXIT_BAD_INPUT, OrepaInputError, first_line
 
 __all__ = [
     'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args',
@@ -38,7 +39,7 @@ __all__ = [
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
-# Exit status for errors the user can fix (orepa_mm.tool_io.EXIT_BAD_INPUT: argparse's).
+# Exit status for errors the user can fix (orepa_mm.utils.errors.EXIT_BAD_INPUT: argparse's).
 USER_ERROR_EXIT = EXIT_BAD_INPUT
 TRAIN_FIX = 'pass a checkpoint written by tools/train.py'
 
@@ -162,13 +163,10 @@ def load_config(args: argparse.Namespace) -> Config:
 
     A missing or unreadable config, an override that does not apply, or a work
     dir that is a file is a :class:`ToolError`, before anything is built."""
-    path = check_readable_file(args.config, 'config',
-                               'pass the path of a config file (e.g. configs/...)')
     try:
-        cfg = Config.fromfile(path)
-    except Exception as exc:  # noqa: BLE001 - syntax errors, bad _base_, failed imports
-        raise ToolError(f'cannot read config {args.config} ({_describe(exc)}); fix the '
-                        'file.') from None
+        cfg = read_config(args.config, require_model=False)
+    except OrepaInputError as exc:
+        raise ToolError(str(exc)) from None
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         _merge_options(cfg, args.cfg_options, args.config)
@@ -179,13 +177,6 @@ def load_config(args: argparse.Namespace) -> Config:
                                 osp.splitext(osp.basename(args.config))[0])
     check_work_dir(cfg)
     return cfg
-
-
-def _describe(exc: Exception) -> str:
-    """``SyntaxError at line 3: '(' was never closed`` or ``Type: first line``."""
-    if isinstance(exc, SyntaxError) and exc.lineno and exc.msg:
-        return f'SyntaxError at line {exc.lineno}: {exc.msg}'
-    return f'{type(exc).__name__}: {first_line(exc)}'
 
 
 def _short(value, limit: int = 60) -> str:
@@ -273,8 +264,7 @@ def train_splits(cfg: Config) -> Sequence[str]:
 
 
 def _has_accelerator() -> bool:
-    from mmengine.device import (is_cuda_available, is_mlu_available,
-                                 is_musa_available, is_npu_available)
+    from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available, is_npu_available)
     return (is_cuda_available() or is_npu_available() or is_mlu_available()
             or is_musa_available())
 
@@ -433,7 +423,7 @@ def apply_test_args(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def check_test_outputs(cfg: Config, out: Optional[str]) -> OutputSet:
-    """``--out`` as an :class:`~orepa_mm.tool_io.OutputSet`, checked before any work: a .pkl
+    """``--out`` as an :class:`~orepa_mm.utils.atomic_write.OutputSet`, checked before any work: a .pkl
     file (mmdet, mmpretrain) or the folder of segmentation maps (mmseg)."""
     outputs = OutputSet('pass --out another path')
     if out is not None:
