@@ -6,8 +6,9 @@ another platform) orepa_mm uses the PyTorch reference path, which gives the same
 The loops are dispatcher operators, ``torch.ops.orepa_mm.kxk_*`` (:data:`FUSED_OP_NAMES`),
 with the fake (shape-only) kernels below, so ``torch.compile`` traces them into its graphs
 like any aten op instead of breaking the graph at an opaque Python extension call; Inductor
-calls them as external kernels. They are called only inside the kernel functions' forward and
-backward (:mod:`.kxk_kernel`), which hold their autograd formulas.
+calls them as external kernels. They are called only inside the k x k kernel function's
+forward and backward (:mod:`.kxk_kernel`, whose names their arguments share), which holds their
+autograd formulas.
 """
 import importlib
 import warnings
@@ -56,15 +57,15 @@ def _register_fake_kernels():
     """Output shapes and dtypes of the fused operators, for tracing (no data touched)."""
 
     @torch.library.register_fake('orepa_mm::kxk_assemble')
-    def _assemble(origin, v_origin, mats, patterns, v_small, composed, pointwise, depthwise,
-                  v_dws):
+    def _assemble(origin, origin_scale, pattern_matrices, patterns, pattern_scales, composed,
+                  pointwise, depthwise, dws_scale):
         return torch.empty_like(origin, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake('orepa_mm::kxk_branch_backward')
-    def _branch_backward(grad, origin, v_origin, mats, patterns, v_small, pointwise,
-                         depthwise, v_dws, with_transposed):
+    def _branch_backward(grad, origin, origin_scale, pattern_matrices, patterns,
+                         pattern_scales, pointwise, depthwise, dws_scale, with_transposed):
         o, i, x = origin.shape
-        nb = 0 if mats is None else mats.shape[0]
+        nb = 0 if pattern_matrices is None else pattern_matrices.shape[0]
         e = 0 if pointwise is None else pointwise.shape[2]
         new = origin.new_empty
         d_dw = new((i, e, x)) if e > 0 else new((0, ))
@@ -74,19 +75,19 @@ def _register_fake_kernels():
                 d_dw, dv_dws, g_t)
 
     @torch.library.register_fake('orepa_mm::kxk_taps_first_scaled')
-    def _taps_first_scaled(second, scale):
-        o, t, x = second.shape
-        return second.new_empty((o, x, t))
+    def _taps_first_scaled(expand_kxk, scale):
+        o, t, x = expand_kxk.shape
+        return expand_kxk.new_empty((o, x, t))
 
     @torch.library.register_fake('orepa_mm::kxk_t_major_scaled')
-    def _t_major_scaled(second, scale):
-        o, t, x = second.shape
-        return second.new_empty((t, o, x))
+    def _t_major_scaled(expand_kxk, scale):
+        o, t, x = expand_kxk.shape
+        return expand_kxk.new_empty((t, o, x))
 
     @torch.library.register_fake('orepa_mm::kxk_compose_backward')
-    def _compose_backward(h, second, v_compose):
-        return (torch.empty_like(second, memory_format=torch.contiguous_format),
-                second.new_empty((second.shape[0], )))
+    def _compose_backward(h, expand_kxk, expand_scale):
+        return (torch.empty_like(expand_kxk, memory_format=torch.contiguous_format),
+                expand_kxk.new_empty((expand_kxk.shape[0], )))
 
 
 #: The fused operators (``assemble``, ``branch_backward``, ``taps_first_scaled``,

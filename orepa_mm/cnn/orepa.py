@@ -19,14 +19,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from .kernels import compose_stacked, frequency_prior, grouped_identity, pad_to_kernel_size
-from .kxk_kernel import OREPAKxKKernel
-from .pair_kernel import OREPA1x1Kernel
+from .kxk_kernel import KxKBranches, kxk_kernel
+from .pointwise_kernel import pointwise_kernel
 from .reparam_conv import ReparamConv2d
 
 #: The k x k block's branches, in the row order of its scale vector (the authors' order).
 KXK_BRANCHES = ('origin', 'avg', 'prior', '1x1_kxk', '1x1', 'dws')
 #: Branches that are a learned 1x1 matrix times a fixed k x k pattern, and their parameter,
-#: in KXK_BRANCHES order (the order of OREPAKxKKernel's matrix inputs).
+#: in KXK_BRANCHES order (the order of the patterns in KxKBranches).
 SMALL_BRANCH_PARAMS = {'avg': 'avg_1x1', 'prior': 'prior_1x1', '1x1': 'conv_1x1'}
 #: Published initial value of each branch's scale vector.
 KXK_SCALE_INIT = {'origin': 0.25, 'avg': 0.25, 'prior': 0.0, '1x1_kxk': 0.5, '1x1': 1.0,
@@ -183,9 +183,6 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
                         'prior': frequency_prior(o, k).flatten(1),
                         '1x1': pad_to_kernel_size(torch.ones(o, 1, 1), k).flatten(1)}
             constants['small_patterns'] = torch.stack([patterns[b] for b in self.small_branches])
-        # Their rows in branch_scales, on the layer's device (no host-to-device copy in forward).
-        constants['small_rows'] = torch.tensor(
-            [self.branches.index(b) for b in self.small_branches], dtype=torch.long)
         return constants
 
     def reset_parameters(self, kaiming_a=0.0, kernel_init_gain=1.0, scale_init_gain=1.0,
@@ -216,22 +213,23 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         return self.small_patterns[self.small_branches.index('prior')].view(-1, k, k)
 
     def generate_kernel(self) -> Tensor:
-        scales = self.branch_scales
-        rows = self.branches.index
-        v_small = scales.index_select(0, self.small_rows) if self.small_branches else None
-        second = residual = v_compose = None
-        if '1x1_kxk' in self.branches:
-            second, residual = self.expand_kxk, self.expand_1x1_residual
-            v_compose = scales[rows('1x1_kxk')]
-        pointwise = depthwise = v_dws = None
-        if 'dws' in self.branches:
-            pointwise, depthwise, v_dws = self.pw_1x1, self.dw_kxk, scales[rows('dws')]
-        # The pattern branches' matrices in the kernel function's (avg, prior, 1x1) slots.
-        matrices = [getattr(self, name, None) for name in SMALL_BRANCH_PARAMS.values()]
-        return OREPAKxKKernel.apply(
-            self.origin, scales[0], *matrices, self.small_patterns, v_small, second, residual,
-            getattr(self, 'expand_identity', None), v_compose, pointwise, depthwise, v_dws,
-            self.groups)
+        row = {branch: r for r, branch in enumerate(self.branches)}  # rows of branch_scales
+        return kxk_kernel(
+            KxKBranches(
+                origin=self.origin,
+                branch_scales=self.branch_scales,
+                avg_1x1=getattr(self, 'avg_1x1', None),
+                prior_1x1=getattr(self, 'prior_1x1', None),
+                centre_1x1=getattr(self, 'conv_1x1', None),
+                patterns=self.small_patterns,
+                expand_residual=getattr(self, 'expand_1x1_residual', None),
+                expand_identity=getattr(self, 'expand_identity', None),
+                expand_kxk=getattr(self, 'expand_kxk', None),
+                depthwise=getattr(self, 'dw_kxk', None),
+                pointwise=getattr(self, 'pw_1x1', None),
+                pattern_rows=tuple(row[b] for b in self.small_branches),
+                expand_row=row.get('1x1_kxk'),
+                dws_row=row.get('dws')), self.groups)
 
 
 class OREPAConv1x1(_StockWeightLoadingMixin, ReparamConv2d):
@@ -283,10 +281,8 @@ class OREPAConv1x1(_StockWeightLoadingMixin, ReparamConv2d):
             self.branch_scales[1].fill_(0.0 if single_init else 0.5)
 
     def generate_kernel(self) -> Tensor:
-        scales = self.branch_scales
-        kernel = OREPA1x1Kernel.apply(self.origin.flatten(1), scales[0],
-                                      self.linear_second.flatten(1),
-                                      self.linear_first.flatten(1), scales[1])
+        kernel = pointwise_kernel(self.origin.flatten(1), self.branch_scales,
+                                  self.linear_second.flatten(1), self.linear_first.flatten(1))
         return kernel.view(self.out_channels, self.in_channels, 1, 1)
 
 
