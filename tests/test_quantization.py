@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 
 from orepa_mm.apis import reparameterize_checkpoint
-from orepa_mm.apis.quantization import (Agreement, OnnxFeatures, QuantizationCheckError,
-                                        analyse_model, channel_spread, cosine_similarity,
-                                        fake_quantize_uint8, fake_quantize_weight,
-                                        quantization_check, quantize_model, sqnr_db,
-                                        weight_spread)
+from orepa_mm.apis.quantization import quantization_check
+from orepa_mm.apis.quantization_metrics import (Agreement, channel_spread, cosine_similarity,
+                                                fake_quantize_uint8, sqnr_db, weight_spread)
+from orepa_mm.apis.quantization_onnx import (OnnxFeatures, QuantizationCheckError, analyse_model,
+                                             fake_quantize_weight, quantize_model)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -395,7 +395,7 @@ def test_the_tool_on_the_demo_detector_as_a_subprocess(tmp_path):
 
 def _report_from(record):
     """A QuantizationReport rebuilt from its JSON (what int8_study.row_of reads)."""
-    from orepa_mm.apis.quantization import LayerRisk, OutputQuality, QuantizationReport
+    from orepa_mm.apis.quantization_report import LayerRisk, OutputQuality, QuantizationReport
 
     def number(value):
         return float(value) if isinstance(value, str) else value

@@ -24,8 +24,8 @@ import orepa_mm
 from orepa_mm.apis import (EXIT_ALREADY_DEPLOYED, EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED,
                            ReparameterizeError, VerificationError, deploy_config,
                            reparameterize_checkpoint)
-from orepa_mm.apis.reparameterize import (ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL,
-                                          FLOAT32_RTOL)
+from orepa_mm.apis.deploy_gate import (ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL,
+                                      FLOAT32_RTOL)
 from orepa_mm.cnn import ReparamConv2d
 from orepa_mm.deploy import count_reparameterizable
 from tests import reparam_configs as configs

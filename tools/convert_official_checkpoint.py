@@ -8,7 +8,7 @@ from the keys; the classifier head is dropped and reported. A file that is not a
 checkpoint, or that does not map completely, is refused: one sentence on stderr, exit status 2,
 nothing written. A checkpoint mmengine or orepa_mm wrote (a runner checkpoint from
 tools/train.py, this tool's own output, a deployed checkpoint) is named as such: those need no
-conversion. DST follows the tools' write policy (``orepa_mm.utils.errors``): checked before the
+conversion. DST follows the tools' write policy (``orepa_mm.utils.atomic_write``): checked before the
 source is read, written beside itself and moved into place; an existing DST is replaced only
 by a complete new file (and the tool says so).
 """

@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(max(1, args.threads))
     from orepa_mm.apis.quantization import quantization_check
-    from orepa_mm.apis.reparameterize import ReparameterizeError
+    from orepa_mm.apis import ReparameterizeError
     from demo_dataset import DemoDatasetSpec, ensure_demo_dataset
 
     data_root = osp.abspath(args.data_root)

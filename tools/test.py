@@ -11,7 +11,7 @@ The config's ``default_scope`` picks the library (and what ``--out`` and
 or broken config, dataset or checkpoint, a checkpoint whose weights do not
 fit the config's model, an unusable flag, an ``--out`` that cannot be
 written) ends the run before anything is built, with one sentence on stderr
-and exit status 2. ``--out`` follows the write policy of ``orepa_mm.utils.errors``:
+and exit status 2. ``--out`` follows the write policy of ``orepa_mm.utils.atomic_write``:
 written beside its target and moved into place once the test has run.
 """
 import warnings

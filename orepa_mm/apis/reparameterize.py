@@ -6,7 +6,7 @@ and callable from Python (demos, notebooks):
 1. read the config and the checkpoint (orepa_mm's safe runner-checkpoint loader,
    :func:`orepa_mm.utils.checkpoint_io.read_checkpoint`: a malicious file is refused for safety,
    a broken one named as such), pick the weights (EMA when present, see
-   :func:`select_weights`) and check they fit the train-time model key for key;
+   :func:`~orepa_mm.utils.checkpoint_io.select_weights`) and check they fit the train-time model key for key;
 2. bake every re-param layer into a stock conv (float64, :mod:`orepa_mm.deploy`) and let the
    orepa_mm backbones finish their own deploy step (RepVGG's branch fusion); a baked conv bias
    the stock model has no place for (DBB in a stock ResNet) is folded into the BN after it
@@ -15,25 +15,23 @@ and callable from Python (demos, notebooks):
    re-read, i.e. exactly the file that will be written), load the baked weights strictly,
    serialise its state dict and load those bytes back into a fresh stock model: the artefact;
 4. run the train-time model, the float64 conversion and the artefact on the same input and
-   compare every output (see :mod:`orepa_mm.apis.verification` and :func:`_verify`): the
+   compare every output (:mod:`.deploy_gate`, over :mod:`.verification`): the
    conversion gated in float64 at ``rtol``, the artefact's float32 weights (run in float64)
    at ``ARTEFACT_RTOL``; optionally export backbone (+neck) to ONNX and check onnxruntime;
 5. only then write ``deploy.pth``, ``deploy_config.py`` (and ``deploy_backbone.onnx``),
    staged in a fresh temporary directory beside them and moved into place together
-   (:mod:`orepa_mm.utils.errors`'s write policy; every name was checked before any work);
+   (:mod:`orepa_mm.utils.atomic_write`; every name was checked before any work);
    ``deploy.pth`` is read back from disk first and must hold the verified tensors bit for bit.
 
 Every refusal is a :class:`ReparameterizeError` whose message is one sentence and whose
 ``exit_code`` is what the CLI returns; nothing is written when one is raised.
 """
-import contextlib
 import copy
 import datetime
 import io
 import os.path as osp
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,43 +39,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.logging import print_log
 
 from ..deploy import has_own_deploy_step, reparam_sites, reparameterize_model
 from ..utils.atomic_write import OutputSet, check_writable_dir, write_files
 from ..utils.checkpoint_io import read_checkpoint, select_weights
 from ..utils.config_io import build_model, read_config, reload_config
-from ..utils.errors import EXIT_BAD_INPUT as TOOLS_EXIT_BAD_INPUT
-from ..utils.errors import OrepaInputError, first_line, refusals_as
+from ..utils.errors import (AlreadyDeployedError, ReparameterizeError, VerificationError,
+                            first_line, refusals_as)
+from ..utils.text_table import format_rows, human_number, log_step
 from .bias_fold import BiasFoldError, fold_conv_biases
 from .deploy_config import deploy_config
-from .verification import (OUTPUT_GROUPS, OutputError, check_onnx, compare_outputs, complexity,
-                           config_input_size, deterministic_image)
-from .verification import export_onnx as _export_onnx
-from .verification import library_of, make_batch, model_outputs, run_safely
-from ..utils.text_table import format_rows, human_number
-
-DEPLOY_CHECKPOINT = 'deploy.pth'
-DEPLOY_CONFIG = 'deploy_config.py'
-DEPLOY_ONNX = 'deploy_backbone.onnx'
-
-#: Gate of the float64 comparison: conversions are exact to ~1e-12 there, while a wrong
-#: conversion (or even a kernel rounded to float32) is off by 1e-7 or much more.
-DEFAULT_RTOL = 1e-9
-#: Outputs that cannot run in float64 (float32-only post-processing) and onnxruntime (the
-#: exported float32 graph) are compared in float32: their agreement is float32 rounding.
-FLOAT32_RTOL = ONNX_RTOL = 1e-4
-#: Gate of the written artefact: deploy.pth's float32 weights in the stock model, run in float64
-#: against the float64 train-time outputs. Their rounding to float32 moves outputs by ~1e-7 to
-#: 1e-6; a damaged, swapped or half-precision tensor by 1e-3 or more.
-ARTEFACT_RTOL = 1e-4
-#: The artefact gate's row in the table (the worst output) and the float32 row (information).
-ARTEFACT_ROW = 'deploy.pth as written (float32 weights), worst output'
-FLOAT32_ROW = 'float32 (written weights), worst output'
-
-EXIT_BAD_INPUT = TOOLS_EXIT_BAD_INPUT  # 2 in every tool (orepa_mm.utils.errors)
-EXIT_ALREADY_DEPLOYED = 3
-EXIT_VERIFICATION_FAILED = 4
+from .deploy_gate import (ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL, DEPLOY_CHECKPOINT,
+                          DEPLOY_CONFIG, DEPLOY_ONNX, FLOAT32_RTOL, export_and_check_onnx,
+                          format_errors, verify_deployment)
+from .verification import OutputError, complexity, config_input_size, deterministic_image
+from .verification import library_of, make_batch
 
 #: Where mmdeploy keeps the ONNX Runtime deploy config of each task (mmdeploy >= 1.0).
 MMDEPLOY_CONFIGS = {
@@ -85,26 +61,6 @@ MMDEPLOY_CONFIGS = {
     'mmseg': 'configs/mmseg/segmentation_onnxruntime_dynamic.py',
     'mmpretrain': 'configs/mmpretrain/classification_onnxruntime_dynamic.py',
 }
-
-
-# -- errors ----------------------------------------------------------------------------------
-class ReparameterizeError(OrepaInputError):
-    """Bad input: one sentence for the user; ``exit_code`` for the CLI; nothing was written."""
-    exit_code = EXIT_BAD_INPUT
-
-
-class AlreadyDeployedError(ReparameterizeError):
-    """The checkpoint is already re-parameterized: usable as is, nothing to do."""
-    exit_code = EXIT_ALREADY_DEPLOYED
-
-
-class VerificationError(ReparameterizeError):
-    """The deployed model's outputs (or onnxruntime's) are beyond the tolerance."""
-    exit_code = EXIT_VERIFICATION_FAILED
-
-    def __init__(self, message: str, errors: Sequence[OutputError] = ()):
-        super().__init__(message)
-        self.errors = list(errors)
 
 
 def _listing(keys: Sequence[str], limit: int = 3) -> str:
@@ -168,16 +124,6 @@ class ReparameterizeResult:
             outputs.append(self.onnx_file)
         lines.extend(f'wrote {path}' for path in outputs)
         return '\n'.join(lines)
-
-
-def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
-    """One line per compared output: max abs error, relative error, verdict."""
-    rows = [('output', 'max abs err', 'rel err', f'rtol {rtol:g}')]
-    for e in errors:
-        verdict = ('ok' if e.passes(rtol) else 'FAIL') if e.gated else 'info'
-        rows.append((e.name, f'{e.max_abs:.3g}', f'{e.rel:.3g}',
-                     verdict + (f' ({e.note})' if e.note else '')))
-    return format_rows(rows)
 
 
 def _check_keys(model: nn.Module, state: Dict[str, torch.Tensor], deployed_keys: Sequence[str],
@@ -283,12 +229,6 @@ def _check_outputs(out_dir: str) -> None:
 
 
 # -- the conversion ----------------------------------------------------------------------------
-def log_step(message: str, verbose: bool) -> None:
-    """A step of a conversion or check, to mmengine's current logger when ``verbose``."""
-    if verbose:
-        print_log(message, logger='current')
-
-
 def _check_args(device: str, input_size, rtol: float) -> None:
     if device not in ('cpu', 'cuda') and not device.startswith('cuda:'):
         raise ReparameterizeError(f'device must be cpu or cuda, got {device!r}.')
@@ -366,7 +306,7 @@ def reparameterize_checkpoint(config: str,
         size, size_source = tuple(input_size), '--input-size'
     image = deterministic_image(size).to(device)
     log_step(f'verifying on a 1x3x{size[0]}x{size[1]} input ({size_source})', verbose)
-    errors = _verify(model, stock, image, rtol, verbose)
+    errors = verify_deployment(model, stock, _exact_copies(model, stock), image, rtol, verbose)
     inputs = make_batch(stock, image)['inputs']
     train_cost, deploy_cost = complexity(model, inputs), complexity(stock, inputs)
 
@@ -375,7 +315,7 @@ def reparameterize_checkpoint(config: str,
         writers = {}
         if export_onnx:
             onnx_file = osp.join(tmp, DEPLOY_ONNX)
-            onnx_errors = _export_and_check_onnx(stock, inputs, onnx_file, errors, verbose)
+            onnx_errors = export_and_check_onnx(stock, inputs, onnx_file, errors, verbose)
             writers[DEPLOY_ONNX] = lambda path: shutil.copyfile(onnx_file, path)
         record = dict(
             tool='orepa_mm tools/reparameterize.py',
@@ -509,136 +449,6 @@ def _exact_copies(model: nn.Module, stock: nn.Module) -> Tuple[nn.Module, nn.Mod
     stock64 = copy.deepcopy(stock).double()
     stock64.load_state_dict(baked64.state_dict(), strict=True)
     return model64, stock64.eval()
-
-
-def _outputs(model: nn.Module, image: torch.Tensor, dtype: torch.dtype, what: str,
-             groups: Sequence[str] = OUTPUT_GROUPS) -> Dict[str, torch.Tensor]:
-    with warnings.catch_warnings(), _true_float32():
-        warnings.simplefilter('ignore')
-        try:
-            return run_safely(f'running the {what} model', model_outputs, model, image, dtype,
-                              groups)
-        except RuntimeError as exc:
-            raise ReparameterizeError(f'{exc}; if the input size is the cause, pass --input-size '
-                                      'H W.') from exc
-
-
-@contextlib.contextmanager
-def _true_float32():
-    """TF32 off for the comparison: float32 outputs are then float32 on a GPU too."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _exact_outputs(models: Sequence[Tuple[nn.Module, str]],
-                   image: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
-    """The float64 models' outputs, as far as the model runs in float64: some
-    post-processing (mmcv's NMS in an RPN or in ``predict``) has float32-only kernels, so the
-    groups from the first that fails on are left to the float32 comparison."""
-    for last in range(len(OUTPUT_GROUPS), 0, -1):
-        groups = OUTPUT_GROUPS[:last]
-        try:
-            return [_outputs(m, image, torch.float64, what, groups) for m, what in models]
-        except ReparameterizeError:
-            if last == 1:
-                raise
-    raise AssertionError('unreachable')
-
-
-def _verify(model: nn.Module, stock: nn.Module, image: torch.Tensor, rtol: float,
-            verbose: bool) -> List[OutputError]:
-    """Every output of both models on ``image``; :class:`VerificationError` beyond the gates.
-
-    ``stock`` is the artefact: the stock model holding exactly the tensors ``deploy.pth`` will
-    hold (:func:`_artefact_model`). Gates, all of which must pass:
-
-    * the conversion, in float64 (both models, kernels baked in float64 and kept in float64):
-      rounding, TF32 convolutions and the order of float32 sums cannot touch it, so a
-      conversion is exact to ~1e-12 and any structural mistake stands out by orders of
-      magnitude (``rtol``);
-    * the artefact: its float32 weights, cast exactly to float64 and run in float64, against
-      the same float64 train-time outputs. Only the rounding of the weights to float32 is left
-      (~1e-7..1e-6), while float32 activations would add 1e-6..2e-4 of noise on deep models;
-      a damaged, swapped or half-precision tensor is beyond ``ARTEFACT_RTOL`` by orders of
-      magnitude. One row, the worst output (``ARTEFACT_ROW``);
-    * outputs whose computation cannot run in float64 (mmcv's float32-only NMS): the artefact
-      in float32 with TF32 off against the float32 train-time model, at ``FLOAT32_RTOL``.
-
-    The float32 agreement on the other outputs (what a float32 user sees) is reported beside,
-    for information.
-    """
-    model64, stock64 = _exact_copies(model, stock)
-    artefact64 = copy.deepcopy(stock).double().eval()  # float32 -> float64 is exact
-    reference, actual, written = _exact_outputs(
-        [(model64, 'train-time'), (stock64, 'deployed'), (artefact64, 'deployed')], image)
-    del model64, stock64, artefact64
-    errors = compare_outputs(reference, actual)
-    gated = [e for e in compare_outputs(reference, written) if e.gated]
-    if gated:
-        worst = max(gated, key=lambda e: e.rel)
-        errors.append(OutputError(ARTEFACT_ROW, worst.max_abs, worst.rel,
-                                  tolerance=ARTEFACT_RTOL, note=worst.name))
-    fp32 = compare_outputs(_outputs(model, image, torch.float32, 'train-time'),
-                           _outputs(stock, image, torch.float32, 'deployed'))
-    for error in fp32:
-        if error.name not in reference:
-            error.tolerance = FLOAT32_RTOL
-            error.note = 'float32: cannot run in float64'
-            errors.append(error)
-    informative = [e for e in fp32 if e.gated and e.name in reference]
-    if informative:
-        worst = max(informative, key=lambda e: e.rel)
-        errors.append(OutputError(FLOAT32_ROW, worst.max_abs, worst.rel, gated=False,
-                                  note=worst.name))
-    log_step('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
-         verbose)
-    failed = [e for e in errors if not e.passes(rtol)]
-    if failed:
-        raise VerificationError(_failure_message(failed, rtol), errors)
-    return errors
-
-
-def _failure_message(failed: Sequence[OutputError], rtol: float) -> str:
-    worst = max(failed, key=lambda e: e.rel)
-    if worst.name == ARTEFACT_ROW:
-        what = f'{worst.note} of {DEPLOY_CHECKPOINT} as written'
-        precision = 'float64 from its float32 weights'
-    else:
-        what = worst.name
-        precision = 'float64' if worst.tolerance is None else 'float32'
-    gate = rtol if worst.tolerance is None else worst.tolerance
-    return (f'the deployed model differs from the train-time model: {len(failed)} outputs '
-            f'beyond their tolerance (worst {what}, relative error {worst.rel:.3g} in '
-            f'{precision}, rtol {gate:g}); nothing written.')
-
-
-def _export_and_check_onnx(stock: nn.Module, inputs: torch.Tensor, path: str,
-                           errors: List[OutputError], verbose: bool) -> List[OutputError]:
-    """Export backbone (+ neck) to ``path`` and compare onnxruntime with PyTorch (float32,
-    gated at ``ONNX_RTOL``)."""
-    rtol = ONNX_RTOL
-    log_step('exporting backbone (+neck) to ONNX and checking onnxruntime', verbose)
-    try:
-        names = run_safely('ONNX export', _export_onnx, stock, inputs, path)
-        onnx_errors = run_safely('onnxruntime', check_onnx, stock, inputs, path, names)
-    except RuntimeError as exc:
-        raise ReparameterizeError(f'{exc}.') from exc
-    for error in onnx_errors:
-        error.tolerance = rtol
-    log_step('onnxruntime vs PyTorch, per output:\n' + '\n'.join(format_errors(onnx_errors, rtol)),
-         verbose)
-    failed = [e for e in onnx_errors if not e.passes(rtol)]
-    if failed:
-        worst = max(failed, key=lambda e: e.rel)
-        raise VerificationError(
-            f'onnxruntime differs from PyTorch on the deployed backbone: {worst.name} '
-            f'relative error {worst.rel:.3g} > rtol {rtol:g}; nothing written.',
-            errors + onnx_errors)
-    return onnx_errors
 
 
 def _version() -> str:

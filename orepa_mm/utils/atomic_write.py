@@ -25,6 +25,7 @@ __all__ = ['OutputSet', 'check_writable_dir', 'write_files']
 
 _STAGE_TAG = '.orepa-tmp-'
 
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -17,10 +17,12 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 __all__ = [
-    'EXIT_BAD_INPUT', 'EXIT_FAILED', 'EXIT_INTERRUPTED', 'OrepaInputError', 'first_line',
+    'EXIT_ALREADY_DEPLOYED', 'EXIT_BAD_INPUT', 'EXIT_FAILED', 'EXIT_INTERRUPTED',
+    'EXIT_VERIFICATION_FAILED', 'AlreadyDeployedError', 'OrepaInputError', 'ReparameterizeError',
+    'VerificationError', 'first_line',
     'check_readable_file', 'refusals_as', 'run_tool'
 ]
 
@@ -29,6 +31,10 @@ EXIT_BAD_INPUT = 2
 #: The run failed for a reason that is not the input (a bug, out of memory): one line, the
 #: traceback only with ``OREPA_MM_TRACEBACK=1``.
 EXIT_FAILED = 1
+#: tools/reparameterize.py: the checkpoint is already re-parameterized (use it as is).
+EXIT_ALREADY_DEPLOYED = 3
+#: tools/reparameterize.py: the deployed model's outputs are beyond the tolerance.
+EXIT_VERIFICATION_FAILED = 4
 #: Ctrl-C (SIGINT); SIGTERM gives 128 + 15 = 143, as a shell reports a signalled process.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 #: Set to 1 to see the traceback of an unexpected failure instead of its one-line summary.
@@ -42,6 +48,26 @@ class OrepaInputError(Exception):
     (``tools/reparameterize.py``: 3 already deployed, 4 verification failed).
     """
     exit_code = EXIT_BAD_INPUT
+
+
+class ReparameterizeError(OrepaInputError):
+    """A conversion refused (:mod:`orepa_mm.apis.reparameterize`): one sentence, nothing
+    written."""
+
+
+class AlreadyDeployedError(ReparameterizeError):
+    """The checkpoint is already re-parameterized: usable as is, nothing to do."""
+    exit_code = EXIT_ALREADY_DEPLOYED
+
+
+class VerificationError(ReparameterizeError):
+    """The deployed model's outputs (or onnxruntime's) are beyond the tolerance; ``errors``
+    holds every compared output."""
+    exit_code = EXIT_VERIFICATION_FAILED
+
+    def __init__(self, message: str, errors: Sequence = ()):
+        super().__init__(message)
+        self.errors = list(errors)
 
 
 class _Terminated(KeyboardInterrupt):

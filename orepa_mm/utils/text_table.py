@@ -1,4 +1,4 @@
-"""Plain-text tables for the closing reports of tools/reparameterize.py and tools/demo.py."""
+"""Plain-text reports: tables for the closing summaries of the tools, and logged steps."""
 import math
 from typing import List, Optional, Sequence
 
@@ -18,3 +18,10 @@ def format_rows(rows: Sequence[Sequence[str]]) -> List[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
             for row in rows]
+
+
+def log_step(message: str, verbose: bool) -> None:
+    """A step of a conversion or check, to mmengine's current logger when ``verbose``."""
+    if verbose:
+        from mmengine.logging import print_log
+        print_log(message, logger='current')
