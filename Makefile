@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo benchmark gpu-check clean
+.PHONY: install test test-fast demo benchmark gpu-kit gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: install
 benchmark: install
 	$(PY) tools/benchmark.py
 
-gpu-check: install   # on a machine with a CUDA GPU: CUDA tests, reparameterize, benchmark table
-	PY=$(PY) bash tools/gpu_check.sh
+gpu-kit: $(PY)   # where there is network: what the offline GPU machine lacks, in .whl/gpu_kit
+	PY=$(PY) bash tools/gpu_kit.sh
+
+# On a CUDA GPU machine: installs from .whl/gpu_kit (offline) unless the mm stack is there, builds
+# mmcv's CUDA ops, then CUDA tests (sync-debug check first), reparameterize, benchmark table.
+gpu-check:
+	PY=$(if $(wildcard $(PY)),$(PY),python3) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) work_dirs data/demo build orepa_mm/_kxk_kernel_ops*.so
