@@ -15,7 +15,9 @@ def fused_ops():
         return {}, []
     extension = CppExtension(
         'orepa_mm._kxk_kernel_ops', ['orepa_mm/csrc/kxk_kernel_ops.cpp'],
-        extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'], optional=True)
+        extra_compile_args=['-O3', '-fopenmp'],
+        extra_link_args=['-fopenmp'],
+        optional=True)
     return {'build_ext': BuildExtension}, [extension]
 
 
@@ -24,7 +26,8 @@ cmdclass, ext_modules = fused_ops()
 setup(
     name='orepa_mm',
     version='0.1.0',
-    description='OREPA (CVPR 2022) as an OpenMMLab conv type and backbones for mmdet, mmseg, mmpretrain',
+    description=('OREPA (CVPR 2022) as an OpenMMLab conv type and backbones for mmdet, mmseg, '
+                 'mmpretrain'),
     packages=find_packages(include=['orepa_mm', 'orepa_mm.*']),
     python_requires='>=3.10',
     install_requires=['mmengine>=0.10.4,<0.11'],

@@ -18,11 +18,8 @@ custom_hooks = [dict(type='ReparamKernelCacheHook')]
 model = dict(
     backbone=dict(
         type='OREPAResNet',
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/orepa_resnet50_official.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/orepa_resnet50_official.pth')))
 
 # Upstream freezes the stem (frozen_stages=1); the multiplier applies once it is unfrozen
 # (e.g. --cfg-options model.backbone.frozen_stages=-1).
-optim_wrapper = dict(
-    paramwise_cfg=dict(custom_keys={'backbone.conv1': dict(lr_mult=0.1)}))
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'backbone.conv1': dict(lr_mult=0.1)}))

@@ -22,9 +22,6 @@ model = dict(
     pretrained=None,  # upstream's open-mmlab://resnet50_v1c, moved into backbone.init_cfg
     backbone=dict(
         type='OREPAResNetV1c',
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/orepa_resnet50_official.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/orepa_resnet50_official.pth')))
 
-optim_wrapper = dict(
-    paramwise_cfg=dict(custom_keys={'backbone.stem': dict(lr_mult=0.1)}))
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'backbone.stem': dict(lr_mult=0.1)}))

@@ -6,11 +6,11 @@ backbones (``OREPAResNet``, ``OREPAResNetV1c``, ``OREPAResNetV1d``, ``OREPAVGG``
 registries of mmcv/mmengine, mmdet, mmseg and mmpretrain, and makes mmengine's checkpoint
 loader accept runner checkpoints under torch >= 2.6 without unpickling arbitrary objects.
 """
-from .utils.checkpoint_io import register_safe_checkpoint_loader
 from .cnn import cached_kernels
 from .deploy import count_reparameterizable, reparameterize_model
 from .engine import BF16OptimWrapper  # noqa: F401  (registers the CPU --amp wrapper)
 from .registry import register_all_modules
+from .utils.checkpoint_io import register_safe_checkpoint_loader
 
 __version__ = '0.1.0'
 __all__ = [

@@ -17,10 +17,10 @@ SYNCING_OPS = frozenset({
 #: Ops that only make views or metadata: no kernel launch.
 NON_LAUNCHING_OPS = frozenset({
     'view', '_unsafe_view', 'detach', 'alias', 'select', 'transpose', 'permute', 'unsqueeze',
-    'squeeze', 't', 'expand', 'reshape', 'slice', 'empty', 'empty_strided', 'as_strided',
-    'unbind', 'split', 'split_with_sizes', 'chunk', 'narrow', 'diagonal', 'unfold',
-    '_reshape_alias', 'view_as', 'expand_as', 'flatten', 'movedim', 'lift_fresh', 'empty_like',
-    'new_empty', 'new_empty_strided', '_to_copy_noop', 'resolve_conj', 'resolve_neg'
+    'squeeze', 't', 'expand', 'reshape', 'slice', 'empty', 'empty_strided', 'as_strided', 'unbind',
+    'split', 'split_with_sizes', 'chunk', 'narrow', 'diagonal', 'unfold', '_reshape_alias',
+    'view_as', 'expand_as', 'flatten', 'movedim', 'lift_fresh', 'empty_like', 'new_empty',
+    'new_empty_strided', '_to_copy_noop', 'resolve_conj', 'resolve_neg'
 })
 
 

@@ -20,12 +20,20 @@ class DumpRankState(Hook):
         model = wrapper.module if is_model_wrapper(wrapper) else wrapper
         os.makedirs(self.out_dir, exist_ok=True)
         torch.save(
-            dict(params={n: p.detach().clone() for n, p in model.named_parameters()},
-                 buffers={n: b.clone() for n, b in model.named_buffers()},
-                 wrapper=type(wrapper).__name__,
-                 find_unused_parameters=getattr(wrapper, 'find_unused_parameters', None),
-                 norms=sorted({type(m).__name__ for m in model.modules()
-                               if 'Norm' in type(m).__name__})),
+            dict(
+                params={
+                    n: p.detach().clone()
+                    for n, p in model.named_parameters()
+                },
+                buffers={
+                    n: b.clone()
+                    for n, b in model.named_buffers()
+                },
+                wrapper=type(wrapper).__name__,
+                find_unused_parameters=getattr(wrapper, 'find_unused_parameters', None),
+                norms=sorted(
+                    {type(m).__name__
+                     for m in model.modules() if 'Norm' in type(m).__name__})),
             os.path.join(self.out_dir, f'rank{runner.rank}.pth'))
 
 

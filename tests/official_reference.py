@@ -25,8 +25,9 @@ def _prior(o, k=3):
     for i in range(o):
         for h in range(3):
             for w in range(3):
-                d[i, h, w] = (math.cos(math.pi * (h + 0.5) * (i + 1) / 3) if i < half else
-                              math.cos(math.pi * (w + 0.5) * (i + 1 - half) / 3))
+                d[i, h, w] = (
+                    math.cos(math.pi * (h + 0.5) * (i + 1) /
+                             3) if i < half else math.cos(math.pi * (w + 0.5) * (i + 1 - half) / 3))
     return d
 
 
@@ -78,10 +79,10 @@ def orepa_kernel(sd, p, tag='orepa'):
     origin = w('origin')
     o, i, k, _ = origin.shape
     out = torch.einsum('oihw,o->oihw', origin, v[0])
-    out += torch.einsum('oi,hw,o->oihw', w('avg_conv')[:, :, 0, 0], sd[f'{p}weight_{tag}_avg_avg'],
-                        v[1])
-    out += torch.einsum('oi,ohw,o->oihw', w('pfir_conv')[:, :, 0, 0], sd[f'{p}weight_{tag}_prior'],
-                        v[2])
+    out += torch.einsum('oi,hw,o->oihw',
+                        w('avg_conv')[:, :, 0, 0], sd[f'{p}weight_{tag}_avg_avg'], v[1])
+    out += torch.einsum('oi,ohw,o->oihw',
+                        w('pfir_conv')[:, :, 0, 0], sd[f'{p}weight_{tag}_prior'], v[2])
     first = (w('1x1_kxk_idconv1') + sd[p + 'id_tensor'])[:, :, 0, 0]
     out += torch.einsum('ti,othw,o->oihw', first, w('1x1_kxk_conv2'), v[3])
     row = 4
@@ -160,8 +161,8 @@ def repvgg_stage_outputs(sd, x):
     def block(x, p, stride):
         kernel = orepa_kernel(sd, p + 'rbr_dense.', tag='rbr')
         y = _bn(F.conv2d(x, kernel, stride=stride, padding=1), sd, p + 'rbr_dense.bn.')
-        y = y + _bn(F.conv2d(x, sd[p + 'rbr_1x1.conv.weight'], stride=stride), sd,
-                    p + 'rbr_1x1.bn.')
+        y = y + _bn(
+            F.conv2d(x, sd[p + 'rbr_1x1.conv.weight'], stride=stride), sd, p + 'rbr_1x1.bn.')
         if p + 'rbr_identity.weight' in sd:
             y = y + _bn(x, sd, p + 'rbr_identity.')
         return F.relu(y)

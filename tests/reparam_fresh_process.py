@@ -20,8 +20,8 @@ def _sample(library: str, height: int, width: int):
     shape = (height, width)
     if library == 'mmdet':
         from mmdet.structures import DetDataSample
-        return DetDataSample(metainfo=dict(img_id=0, ori_shape=shape, img_shape=shape,
-                                           scale_factor=(1.0, 1.0)))
+        return DetDataSample(
+            metainfo=dict(img_id=0, ori_shape=shape, img_shape=shape, scale_factor=(1.0, 1.0)))
     if library == 'mmseg':
         from mmseg.structures import SegDataSample
         return SegDataSample(metainfo=dict(ori_shape=shape, img_shape=shape, pad_shape=shape))

@@ -29,52 +29,93 @@ CONV_CFG = '<conv_cfg>'
 
 # A tiny HRNet: every stage, BASIC and BOTTLENECK blocks, fuse layers, 1 module each.
 HRNET_EXTRA = dict(
-    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(1, ),
-                num_channels=(8, )),
-    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1),
-                num_channels=(8, 16)),
-    stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(1, 1, 1),
-                num_channels=(8, 16, 32)),
-    stage4=dict(num_modules=1, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1),
-                num_channels=(8, 16, 32, 64)))
+    stage1=dict(
+        num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(1, ), num_channels=(8, )),
+    stage2=dict(
+        num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1), num_channels=(8, 16)),
+    stage3=dict(
+        num_modules=1,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(1, 1, 1),
+        num_channels=(8, 16, 32)),
+    stage4=dict(
+        num_modules=1,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(1, 1, 1, 1),
+        num_channels=(8, 16, 32, 64)))
 # Four stages of widths 8, 16, 32, 64 (1, 1, 2, 1 blocks), group width 8: grouped 3 x 3 convs.
 TINY_REGNET = dict(w0=8, wa=12, wm=2.0, group_w=8, depth=5, bot_mul=1.0)
 R18 = dict(depth=18, base_channels=8)
 R50 = dict(depth=50, base_channels=8, stem_channels=8)
 R50_DEEP_STEM = dict(depth=50, base_channels=8, stem_channels=16)
-UNET = dict(base_channels=8, num_stages=3, strides=(1, 1, 1), enc_num_convs=(1, 1, 1),
-            dec_num_convs=(1, 1), downsamples=(True, True), enc_dilations=(1, 1, 1),
-            dec_dilations=(1, 1))
+UNET = dict(
+    base_channels=8,
+    num_stages=3,
+    strides=(1, 1, 1),
+    enc_num_convs=(1, 1, 1),
+    dec_num_convs=(1, 1),
+    downsamples=(True, True),
+    enc_dilations=(1, 1, 1),
+    dec_dilations=(1, 1))
 
 
 def tiny(library, name, arch_settings):
     """``library``'s backbone ``name`` with smaller ``arch_settings`` (a subclass, used for both
     the OREPA and the stock build, so the comparison stays like for like)."""
+
     @functools.lru_cache(maxsize=None)
     def make():
         base = getattr(importlib.import_module(f'{library}.models.backbones'), name)
         return type(f'Tiny{name}', (base, ), dict(arch_settings=arch_settings))
+
     return make
 
 
 # Channels of the stock arch_settings / 4-8 (the stems keep theirs), one block per stage.
-TINY_DARKNET = tiny('mmdet', 'Darknet', {
-    53: ((1, 1, 1, 1, 1), ((32, 16), (16, 32), (32, 64), (64, 128), (128, 256)))})
-TINY_CSPDARKNET = tiny('mmpretrain', 'CSPDarkNet', {53: dict(
-    block_fn=DarknetBottleneck,
-    in_channels=(32, 16, 32, 64, 128), out_channels=(16, 32, 64, 128, 256),
-    num_blocks=(1, 1, 1, 1, 1), expand_ratio=(2, 1, 1, 1, 1), bottle_ratio=(2, 1, 1, 1, 1),
-    has_downsampler=True, down_growth=True)})
-TINY_CSPRESNET = tiny('mmpretrain', 'CSPResNet', {50: dict(
-    block_fn=ResNetBottleneck,
-    in_channels=(64, 16, 32, 64), out_channels=(16, 32, 64, 128), num_blocks=(1, 1, 1, 1),
-    expand_ratio=4, bottle_ratio=2, has_downsampler=(False, True, True, True),
-    down_growth=False)})
-TINY_CSPRESNEXT = tiny('mmpretrain', 'CSPResNeXt', {50: dict(
-    block_fn=ResNeXtBottleneck, in_channels=(16, 32, 64, 128), out_channels=(32, 64, 128, 256),
-    num_blocks=(1, 1, 1, 1), expand_ratio=(4, 2, 2, 2), bottle_ratio=4,
-    has_downsampler=(False, True, True, True), down_growth=False,
-    block_args=dict(base_channels=8, groups=4))})
+TINY_DARKNET = tiny('mmdet', 'Darknet',
+                    {53: ((1, 1, 1, 1, 1), ((32, 16), (16, 32), (32, 64), (64, 128), (128, 256)))})
+TINY_CSPDARKNET = tiny(
+    'mmpretrain', 'CSPDarkNet', {
+        53:
+        dict(
+            block_fn=DarknetBottleneck,
+            in_channels=(32, 16, 32, 64, 128),
+            out_channels=(16, 32, 64, 128, 256),
+            num_blocks=(1, 1, 1, 1, 1),
+            expand_ratio=(2, 1, 1, 1, 1),
+            bottle_ratio=(2, 1, 1, 1, 1),
+            has_downsampler=True,
+            down_growth=True)
+    })
+TINY_CSPRESNET = tiny(
+    'mmpretrain', 'CSPResNet', {
+        50:
+        dict(
+            block_fn=ResNetBottleneck,
+            in_channels=(64, 16, 32, 64),
+            out_channels=(16, 32, 64, 128),
+            num_blocks=(1, 1, 1, 1),
+            expand_ratio=4,
+            bottle_ratio=2,
+            has_downsampler=(False, True, True, True),
+            down_growth=False)
+    })
+TINY_CSPRESNEXT = tiny(
+    'mmpretrain', 'CSPResNeXt', {
+        50:
+        dict(
+            block_fn=ResNeXtBottleneck,
+            in_channels=(16, 32, 64, 128),
+            out_channels=(32, 64, 128, 256),
+            num_blocks=(1, 1, 1, 1),
+            expand_ratio=(4, 2, 2, 2),
+            bottle_ratio=4,
+            has_downsampler=(False, True, True, True),
+            down_growth=False,
+            block_args=dict(base_channels=8, groups=4))
+    })
 
 # id 'library.Class[-variant]' -> (library, class name or tiny(...), arguments, input size).
 SWEEP = {
@@ -85,49 +126,72 @@ SWEEP = {
     'mmdet.ResNeXt': ('mmdet', 'ResNeXt', dict(R50, groups=4, base_width=4), 32),
     'mmdet.RegNet': ('mmdet', 'RegNet', dict(arch=TINY_REGNET, base_channels=8), 32),
     'mmdet.Res2Net': ('mmdet', 'Res2Net', dict(R50_DEEP_STEM, scales=2, base_width=4), 32),
-    'mmdet.ResNeSt': ('mmdet', 'ResNeSt', dict(R50_DEEP_STEM, radix=2, reduction_factor=4),
-                      32),
+    'mmdet.ResNeSt': ('mmdet', 'ResNeSt', dict(R50_DEEP_STEM, radix=2, reduction_factor=4), 32),
     'mmdet.DetectoRS_ResNet': ('mmdet', 'DetectoRS_ResNet', R50, 32),
-    'mmdet.TridentResNet': ('mmdet', 'TridentResNet', dict(
-        R50, num_branch=3, test_branch_idx=1, trident_dilations=(1, 2, 3), num_stages=3,
-        strides=(1, 2, 2), dilations=(1, 1, 1), out_indices=(2, )), 32),
+    'mmdet.TridentResNet': ('mmdet', 'TridentResNet',
+                            dict(
+                                R50,
+                                num_branch=3,
+                                test_branch_idx=1,
+                                trident_dilations=(1, 2, 3),
+                                num_stages=3,
+                                strides=(1, 2, 2),
+                                dilations=(1, 1, 1),
+                                out_indices=(2, )), 32),
     'mmdet.HRNet': ('mmdet', 'HRNet', dict(extra=HRNET_EXTRA), 32),
-    'mmdet.CSPDarknet': ('mmdet', 'CSPDarknet', dict(deepen_factor=0.33, widen_factor=0.125),
-                         64),
+    'mmdet.CSPDarknet': ('mmdet', 'CSPDarknet', dict(deepen_factor=0.33, widen_factor=0.125), 64),
     'mmdet.CSPNeXt': ('mmdet', 'CSPNeXt', dict(deepen_factor=0.33, widen_factor=0.125), 64),
-    'mmdet.CSPNeXt-depthwise': ('mmdet', 'CSPNeXt', dict(deepen_factor=0.33,
-                                                         widen_factor=0.125,
-                                                         use_depthwise=True), 64),
+    'mmdet.CSPNeXt-depthwise':
+    ('mmdet', 'CSPNeXt', dict(deepen_factor=0.33, widen_factor=0.125, use_depthwise=True), 64),
     'mmdet.Darknet': ('mmdet', TINY_DARKNET, dict(depth=53), 32),
     'mmdet.MobileNetV2': ('mmdet', 'MobileNetV2', dict(widen_factor=0.25), 32),
-    'mmdet.EfficientNet': ('mmdet', 'EfficientNet', dict(arch='b0', out_indices=(2, 4, 6)),
-                           32),
+    'mmdet.EfficientNet': ('mmdet', 'EfficientNet', dict(arch='b0', out_indices=(2, 4, 6)), 32),
     # -- mmseg --------------------------------------------------------------------------------
-    'mmseg.ResNetV1c-D8': ('mmseg', 'ResNetV1c', dict(
-        R50_DEEP_STEM, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True),
-                           32),
+    'mmseg.ResNetV1c-D8':
+    ('mmseg', 'ResNetV1c',
+     dict(R50_DEEP_STEM, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True), 32),
     'mmseg.ResNetV1d': ('mmseg', 'ResNetV1d', dict(R18, stem_channels=16), 32),
     'mmseg.ResNeXt': ('mmseg', 'ResNeXt', dict(R50, groups=4, base_width=4), 32),
     'mmseg.ResNeSt': ('mmseg', 'ResNeSt', dict(R50_DEEP_STEM, radix=2), 32),
     'mmseg.HRNet': ('mmseg', 'HRNet', dict(extra=HRNET_EXTRA), 32),
     'mmseg.UNet': ('mmseg', 'UNet', UNET, 32),
-    'mmseg.CGNet': ('mmseg', 'CGNet', dict(num_channels=(8, 16, 32), num_blocks=(1, 1),
-                                            reductions=(4, 8)), 32),
-    'mmseg.FastSCNN': ('mmseg', 'FastSCNN', dict(
-        downsample_dw_channels=(8, 16), global_in_channels=16,
-        global_block_channels=(16, 24, 32), global_out_channels=32, higher_in_channels=16,
-        lower_in_channels=32, fusion_out_channels=32), 64),
+    'mmseg.CGNet': ('mmseg', 'CGNet',
+                    dict(num_channels=(8, 16, 32), num_blocks=(1, 1), reductions=(4, 8)), 32),
+    'mmseg.FastSCNN': ('mmseg', 'FastSCNN',
+                       dict(
+                           downsample_dw_channels=(8, 16),
+                           global_in_channels=16,
+                           global_block_channels=(16, 24, 32),
+                           global_out_channels=32,
+                           higher_in_channels=16,
+                           lower_in_channels=32,
+                           fusion_out_channels=32), 64),
     'mmseg.MobileNetV2': ('mmseg', 'MobileNetV2', dict(widen_factor=0.25), 32),
     'mmseg.MobileNetV3': ('mmseg', 'MobileNetV3', dict(arch='small'), 32),
-    'mmseg.BiSeNetV1': ('mmseg', 'BiSeNetV1', dict(  # its own convs ignore conv_cfg
-        backbone_cfg=dict(type='ResNet', conv_cfg=CONV_CFG, depth=18, base_channels=8),
-        context_channels=(16, 32, 64), spatial_channels=(8, 8, 8, 16), out_channels=32), 64),
-    'mmseg.ICNet': ('mmseg', 'ICNet', dict(
-        backbone_cfg=dict(type='ResNetV1c', conv_cfg=CONV_CFG, depth=18, base_channels=8,
-                          stem_channels=16, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
-                          contract_dilation=True),
-        layer_channels=(16, 64), light_branch_middle_channels=8, psp_out_channels=16,
-        out_channels=(8, 16, 16)), 64),
+    'mmseg.BiSeNetV1': (
+        'mmseg',
+        'BiSeNetV1',
+        dict(  # its own convs ignore conv_cfg
+            backbone_cfg=dict(type='ResNet', conv_cfg=CONV_CFG, depth=18, base_channels=8),
+            context_channels=(16, 32, 64),
+            spatial_channels=(8, 8, 8, 16),
+            out_channels=32),
+        64),
+    'mmseg.ICNet': ('mmseg', 'ICNet',
+                    dict(
+                        backbone_cfg=dict(
+                            type='ResNetV1c',
+                            conv_cfg=CONV_CFG,
+                            depth=18,
+                            base_channels=8,
+                            stem_channels=16,
+                            strides=(1, 2, 1, 1),
+                            dilations=(1, 1, 2, 4),
+                            contract_dilation=True),
+                        layer_channels=(16, 64),
+                        light_branch_middle_channels=8,
+                        psp_out_channels=16,
+                        out_channels=(8, 16, 16)), 64),
     # -- mmpretrain ---------------------------------------------------------------------------
     'mmpretrain.ResNet': ('mmpretrain', 'ResNet', dict(R50, out_indices=(0, 1, 2, 3)), 32),
     'mmpretrain.ResNetV1c': ('mmpretrain', 'ResNetV1c', dict(R50_DEEP_STEM), 32),
@@ -135,8 +199,8 @@ SWEEP = {
     'mmpretrain.ResNet_CIFAR': ('mmpretrain', 'ResNet_CIFAR', dict(R18, stem_channels=8), 32),
     'mmpretrain.ResNeXt': ('mmpretrain', 'ResNeXt', dict(R50, groups=4, width_per_group=4), 32),
     'mmpretrain.SEResNet': ('mmpretrain', 'SEResNet', dict(R50, se_ratio=4), 32),
-    'mmpretrain.SEResNeXt': ('mmpretrain', 'SEResNeXt', dict(R50, groups=4, width_per_group=4,
-                                                             se_ratio=4), 32),
+    'mmpretrain.SEResNeXt': ('mmpretrain', 'SEResNeXt',
+                             dict(R50, groups=4, width_per_group=4, se_ratio=4), 32),
     'mmpretrain.Res2Net': ('mmpretrain', 'Res2Net', dict(R50_DEEP_STEM, scales=2,
                                                          base_width=4), 32),
     'mmpretrain.ResNeSt': ('mmpretrain', 'ResNeSt', dict(R50_DEEP_STEM, radix=2), 32),
@@ -151,9 +215,10 @@ SWEEP = {
     'mmpretrain.EfficientNet': ('mmpretrain', 'EfficientNet', dict(arch='b0'), 32),
     'mmpretrain.EfficientNetV2': ('mmpretrain', 'EfficientNetV2', dict(arch='b0'), 32),
     'mmpretrain.MobileViT': ('mmpretrain', 'MobileViT', dict(arch='xx_small'), 64),
-    'mmpretrain.VGG': ('mmpretrain', 'VGG', dict(depth=11, num_stages=3, dilations=(1, 1, 1),
-                                                 out_indices=(2, ), norm_cfg=dict(type='BN')),
-                       32),
+    'mmpretrain.VGG':
+    ('mmpretrain', 'VGG',
+     dict(depth=11, num_stages=3, dilations=(1, 1, 1), out_indices=(2, ),
+          norm_cfg=dict(type='BN')), 32),
     'mmpretrain.RepVGG': ('mmpretrain', 'RepVGG', dict(arch='A0', base_channels=8), 32),
 }
 
@@ -180,15 +245,24 @@ REFUSED = {
 # id -> (library, class, arguments): accept ``conv_cfg`` but never pass it to a conv (the library
 # stores it only), so the model stays plain. BiSeNetV1 / ICNet: put conv_cfg in backbone_cfg.
 IGNORED = {
-    'mmseg.BiSeNetV1': ('mmseg', 'BiSeNetV1', dict(
-        backbone_cfg=dict(type='ResNet', depth=18, base_channels=8),
-        context_channels=(16, 32, 64), spatial_channels=(8, 8, 8, 16), out_channels=32)),
-    'mmseg.BiSeNetV2': ('mmseg', 'BiSeNetV2', dict(
-        detail_channels=(8, 16, 32), semantic_channels=(8, 16, 32, 64), bga_channels=32)),
+    'mmseg.BiSeNetV1': ('mmseg', 'BiSeNetV1',
+                        dict(
+                            backbone_cfg=dict(type='ResNet', depth=18, base_channels=8),
+                            context_channels=(16, 32, 64),
+                            spatial_channels=(8, 8, 8, 16),
+                            out_channels=32)),
+    'mmseg.BiSeNetV2':
+    ('mmseg', 'BiSeNetV2',
+     dict(detail_channels=(8, 16, 32), semantic_channels=(8, 16, 32, 64), bga_channels=32)),
     'mmseg.ERFNet': ('mmseg', 'ERFNet', dict()),
-    'mmpretrain.RepLKNet': ('mmpretrain', 'RepLKNet', dict(arch=dict(
-        large_kernel_sizes=[7, 7, 7, 7], layers=[1, 1, 1, 1], channels=[8, 16, 32, 64],
-        small_kernel=3, dw_ratio=1))),
+    'mmpretrain.RepLKNet': ('mmpretrain', 'RepLKNet',
+                            dict(
+                                arch=dict(
+                                    large_kernel_sizes=[7, 7, 7, 7],
+                                    layers=[1, 1, 1, 1],
+                                    channels=[8, 16, 32, 64],
+                                    small_kernel=3,
+                                    dw_ratio=1))),
 }
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -203,8 +277,9 @@ def with_conv_cfg(value, conv_cfg):
 def build(library, name, kwargs, conv_cfg):
     """The backbone, built in its library's scope (for nested builds such as UNet's upsample
     layers and ICNet's backbone_cfg)."""
-    cls = (getattr(importlib.import_module(f'{library}.models.backbones'), name)
-           if isinstance(name, str) else name())
+    cls = (
+        getattr(importlib.import_module(f'{library}.models.backbones'), name) if isinstance(
+            name, str) else name())
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope(library):
         model = cls(conv_cfg=conv_cfg, **with_conv_cfg(kwargs, conv_cfg))
@@ -226,8 +301,10 @@ def rel_err(a, b):
 
 
 def sweep_params():
-    return [pytest.param(*case, *DEPLOYED_AS.get(case_id, ({}, 1e-10)), id=case_id)
-            for case_id, case in SWEEP.items()]
+    return [
+        pytest.param(*case, *DEPLOYED_AS.get(case_id, ({}, 1e-10)), id=case_id)
+        for case_id, case in SWEEP.items()
+    ]
 
 
 def randomise_norms(model, x):
@@ -263,8 +340,10 @@ def test_orepa_conv_cfg_trains_and_deploys_to_the_stock_backbone(library, name, 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     sum(o.pow(2).mean() for o in flatten(model(x))).backward()
-    untrained = [f'{n}.{p}' for n, m in model.named_modules() if isinstance(m, ReparamConv2d)
-                 for p, t in m.named_parameters() if t.requires_grad and t.grad is None]
+    untrained = [
+        f'{n}.{p}' for n, m in model.named_modules() if isinstance(m, ReparamConv2d)
+        for p, t in m.named_parameters() if t.requires_grad and t.grad is None
+    ]
     assert untrained == []  # every branch of every OREPA layer learns
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # tiny batches: keep the step sane
     optimizer.step()
@@ -286,12 +365,17 @@ def test_orepa_conv_cfg_trains_and_deploys_to_the_stock_backbone(library, name, 
     for b, a, r in zip(before, after, reference):
         assert a.shape == b.shape == r.shape and torch.isfinite(b).all()
         assert rel_err(a, b) < rtol and rel_err(r, b) < rtol
-    assert ({n: type(m) for n, m in model.named_modules()} ==
-            {n: type(m) for n, m in stock.named_modules()})
+    assert ({
+        n: type(m)
+        for n, m in model.named_modules()
+    } == {
+        n: type(m)
+        for n, m in stock.named_modules()
+    })
 
 
-@pytest.mark.parametrize('library,name,kwargs,error,message', list(REFUSED.values()),
-                         ids=list(REFUSED))
+@pytest.mark.parametrize(
+    'library,name,kwargs,error,message', list(REFUSED.values()), ids=list(REFUSED))
 def test_unsupported_convs_are_refused_at_build_time(library, name, kwargs, error, message):
     with pytest.raises(error, match=message):
         build(library, name, kwargs, OREPA)

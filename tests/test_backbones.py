@@ -1,22 +1,21 @@
 """OREPAResNet / OREPAVGG: official parity, deploy == stock, drop-in shapes, freezing."""
 import copy
 
+import mmdet.models.backbones as mmdet_backbones  # noqa: E402
+import mmpretrain.models.backbones as mmpretrain_backbones  # noqa: E402
+import mmseg.models.backbones as mmseg_backbones  # noqa: E402
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.runner import load_checkpoint
 
 import orepa_mm  # noqa: F401
+from orepa_mm.apis.official_checkpoint import convert_official_state_dict
 from orepa_mm.cnn import OREPAConv2d, ReparamConv2d
 from orepa_mm.deploy import count_reparameterizable
 from orepa_mm.models.backbones import for_mmdet, for_mmpretrain, for_mmseg
-from orepa_mm.apis.official_checkpoint import convert_official_state_dict
 from tests.official_reference import (random_official_checkpoint, reference_path,
                                       repvgg_stage_outputs, resnet_stage_outputs)
-
-import mmdet.models.backbones as mmdet_backbones  # noqa: E402
-import mmpretrain.models.backbones as mmpretrain_backbones  # noqa: E402
-import mmseg.models.backbones as mmseg_backbones  # noqa: E402
 
 
 def rel_err(a, b):
@@ -56,13 +55,15 @@ def save_converted(checkpoint, tmp_path):
 # -- official parity -----------------------------------------------------------------------------
 def test_official_resnet18_fixture_reproduces_authors_outputs(tmp_path):
     checkpoint = torch.load(reference_path('official_resnet18_w0.25.pth.tar'), weights_only=True)
-    expected = torch.load(reference_path('official_resnet18_w0.25_expected.pt'),
-                          weights_only=True)
+    expected = torch.load(reference_path('official_resnet18_w0.25_expected.pt'), weights_only=True)
     path, report = save_converted(checkpoint, tmp_path)
-    assert report.architecture == dict(family='resnet', depth=18, base_channels=16,
-                                       stem_channels=16)
-    model = for_mmdet.OREPAResNet(depth=18, base_channels=16, stem_channels=16,
-                                  init_cfg=dict(type='Pretrained', checkpoint=path))
+    assert report.architecture == dict(
+        family='resnet', depth=18, base_channels=16, stem_channels=16)
+    model = for_mmdet.OREPAResNet(
+        depth=18,
+        base_channels=16,
+        stem_channels=16,
+        init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     model.eval()
     x = expected['input']
@@ -84,10 +85,11 @@ def test_official_format_checkpoints_match_the_authors_formulas(keys, family, tm
     assert arch['family'] == family
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     if family == 'resnet':
-        model = for_mmpretrain.OREPAResNet(depth=arch['depth'],
-                                           base_channels=arch['base_channels'],
-                                           stem_channels=arch['stem_channels'],
-                                           out_indices=(0, 1, 2, 3))
+        model = for_mmpretrain.OREPAResNet(
+            depth=arch['depth'],
+            base_channels=arch['base_channels'],
+            stem_channels=arch['stem_channels'],
+            out_indices=(0, 1, 2, 3))
         load_checkpoint(model, path, strict=True)
         model.eval()
         with torch.no_grad():
@@ -95,8 +97,8 @@ def test_official_format_checkpoints_match_the_authors_formulas(keys, family, tm
         theirs = resnet_stage_outputs(checkpoint['state_dict'], x)
     else:
         assert arch['arch'] == 'A0'
-        model = for_mmpretrain.OREPAVGG(arch='A0', base_channels=arch['base_channels'],
-                                        out_indices=(0, 1, 2, 3))
+        model = for_mmpretrain.OREPAVGG(
+            arch='A0', base_channels=arch['base_channels'], out_indices=(0, 1, 2, 3))
         load_checkpoint(model, path, strict=True)
         model.eval()
         with torch.no_grad():
@@ -126,20 +128,23 @@ def _deploy_parity(model, stock, x):
         stock.load_state_dict(model.state_dict(), strict=True)
         stock.eval()
         reference = stock(x)
-    before, after, reference = (o if isinstance(o, tuple) else (o, ) for o in
-                                (before, after, reference))
+    before, after, reference = (
+        o if isinstance(o, tuple) else (o, ) for o in (before, after, reference))
     for b, a, r in zip(before, after, reference):
         assert rel_err(a, b) < 1e-4 and rel_err(r, b) < 1e-4
 
 
 @pytest.mark.parametrize('depth', [18, 34, 50, 101, 152])
-@pytest.mark.parametrize('orepa_cls,stock_cls,extra', RESNET_LIBS,
-                         ids=['mmdet', 'mmseg-v1c-d8', 'mmpretrain'])
+@pytest.mark.parametrize(
+    'orepa_cls,stock_cls,extra', RESNET_LIBS, ids=['mmdet', 'mmseg-v1c-d8', 'mmpretrain'])
 def test_resnet_deploys_to_the_stock_resnet(depth, orepa_cls, stock_cls, extra):
     if depth in (101, 152) and orepa_cls is not for_mmdet.OREPAResNet:
         pytest.skip('deep variants once (mmdet) keep the suite fast')
-    kwargs = dict(depth=depth, base_channels=8, stem_channels=8 if 'V1c' not in
-                  orepa_cls.__name__ else 16, **extra)
+    kwargs = dict(
+        depth=depth,
+        base_channels=8,
+        stem_channels=8 if 'V1c' not in orepa_cls.__name__ else 16,
+        **extra)
     torch.manual_seed(0)
     model = randomise(orepa_cls(**kwargs))
     stock = stock_cls(**kwargs)
@@ -163,8 +168,8 @@ def test_orepa_vgg_deploys_to_stock_repvgg(arch):
 
 
 def test_orepa_vgg_custom_arch_and_deploy_flag():
-    arch = dict(num_blocks=[1, 1, 1, 1], width_factor=[1, 1, 1, 1], group_layer_map=None,
-                se_cfg=None)
+    arch = dict(
+        num_blocks=[1, 1, 1, 1], width_factor=[1, 1, 1, 1], group_layer_map=None, se_cfg=None)
     model = for_mmpretrain.OREPAVGG(arch=arch, base_channels=8)
     assert count_reparameterizable(model) == 5  # stem + one block per stage
     deployed = for_mmpretrain.OREPAVGG(arch=arch, base_channels=8, deploy=True)
@@ -217,8 +222,12 @@ def _module_prefix(name):
 
 @pytest.mark.parametrize('frozen_stages,deep_stem', [(0, False), (2, False), (1, True)])
 def test_frozen_stages_freeze_what_stock_freezes(frozen_stages, deep_stem):
-    kwargs = dict(depth=50, base_channels=8, stem_channels=16, frozen_stages=frozen_stages,
-                  deep_stem=deep_stem)
+    kwargs = dict(
+        depth=50,
+        base_channels=8,
+        stem_channels=16,
+        frozen_stages=frozen_stages,
+        deep_stem=deep_stem)
     ours = for_mmdet.OREPAResNet(**kwargs)
     stock = mmdet_backbones.ResNet(**kwargs)
     ours.train(), stock.train()
@@ -236,8 +245,8 @@ def test_stock_checkpoint_initialises_orepa_resnet_exactly(tmp_path):
     stock = randomise(mmdet_backbones.ResNet(depth=50, base_channels=16))
     path = tmp_path / 'stock.pth'
     torch.save(dict(state_dict=stock.state_dict()), path)
-    model = for_mmdet.OREPAResNet(depth=50, base_channels=16,
-                                  init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model = for_mmdet.OREPAResNet(
+        depth=50, base_channels=16, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     model.init_weights()
     model.eval()
     x = torch.randn(1, 3, 64, 64)
@@ -275,13 +284,16 @@ def test_official_fixture_kernels_equal_the_authors_formula(tmp_path):
     """Every squeezed kernel of the fixture, layer by layer, against the published formula."""
     from tests.official_reference import large_kernel, orepa_kernel
     checkpoint = torch.load(reference_path('official_resnet18_w0.25.pth.tar'), weights_only=True)
-    official = {k[len('module.'):]: v.double() for k, v in checkpoint['state_dict'].items()
-                if v.is_floating_point()}
+    official = {
+        k[len('module.'):]: v.double()
+        for k, v in checkpoint['state_dict'].items() if v.is_floating_point()
+    }
     path, _ = save_converted(checkpoint, tmp_path)
     model = for_mmdet.OREPAResNet(depth=18, base_channels=16, stem_channels=16).double()
     load_checkpoint(model, path, strict=True)
     with torch.no_grad():
-        assert rel_err(model.conv1.generate_kernel(), large_kernel(official, 'stage0.conv1.')) < 1e-5
+        assert rel_err(model.conv1.generate_kernel(), large_kernel(official,
+                                                                   'stage0.conv1.')) < 1e-5
         checked = 1
         for stage in range(1, 5):
             for block in range(2):
@@ -295,9 +307,14 @@ def test_official_fixture_kernels_equal_the_authors_formula(tmp_path):
 
 # -- DCN stages, plugins, GN / SyncBN ------------------------------------------------------------
 def _dcn_kwargs(dcn_type, **extra):
-    return dict(depth=50, base_channels=8, stem_channels=16, out_indices=(0, 1, 2, 3),
-                dcn=dict(type=dcn_type, deform_groups=1, fallback_on_stride=False),
-                stage_with_dcn=(False, True, True, True), **extra)
+    return dict(
+        depth=50,
+        base_channels=8,
+        stem_channels=16,
+        out_indices=(0, 1, 2, 3),
+        dcn=dict(type=dcn_type, deform_groups=1, fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True),
+        **extra)
 
 
 def _randomise_offsets(model, seed=1):
@@ -306,8 +323,8 @@ def _randomise_offsets(model, seed=1):
     with torch.no_grad():
         for m in model.modules():
             if hasattr(m, 'conv_offset'):
-                m.conv_offset.weight.copy_(torch.randn(m.conv_offset.weight.shape, generator=g) *
-                                           0.05)
+                m.conv_offset.weight.copy_(
+                    torch.randn(m.conv_offset.weight.shape, generator=g) * 0.05)
                 m.conv_offset.bias.copy_(torch.randn(m.conv_offset.bias.shape, generator=g))
     return model
 
@@ -317,8 +334,8 @@ def _sgd_step(model, x):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     outputs = model(x)
-    sum(o.float().pow(2).mean() for o in (outputs if isinstance(outputs, tuple) else
-                                          (outputs, ))).backward()
+    sum(o.float().pow(2).mean()
+        for o in (outputs if isinstance(outputs, tuple) else (outputs, ))).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
     optimizer.step()
@@ -350,8 +367,8 @@ DCN_LIBS = [
 
 @pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('dcn_type', ['DCN', 'DCNv2'])
-@pytest.mark.parametrize('orepa_cls,stock_cls,extra', DCN_LIBS,
-                         ids=['mmdet', 'mmdet-v1d', 'mmseg', 'mmseg-v1c-d8'])
+@pytest.mark.parametrize(
+    'orepa_cls,stock_cls,extra', DCN_LIBS, ids=['mmdet', 'mmdet-v1d', 'mmseg', 'mmseg-v1c-d8'])
 def test_dcn_stages_keep_dcn_train_and_deploy_to_stock(dcn_type, orepa_cls, stock_cls, extra):
     from mmcv.ops import DeformConv2dPack, ModulatedDeformConv2dPack
     dcn_cls = DeformConv2dPack if dcn_type == 'DCN' else ModulatedDeformConv2dPack
@@ -359,8 +376,7 @@ def test_dcn_stages_keep_dcn_train_and_deploy_to_stock(dcn_type, orepa_cls, stoc
     model = orepa_cls(**_dcn_kwargs(dcn_type, **extra))
     for stage in range(1, 5):
         for block in getattr(model, f'layer{stage}'):
-            assert isinstance(block.conv1, ReparamConv2d) and isinstance(block.conv3,
-                                                                         ReparamConv2d)
+            assert isinstance(block.conv1, ReparamConv2d) and isinstance(block.conv3, ReparamConv2d)
             assert isinstance(block.conv2, dcn_cls if stage > 1 else ReparamConv2d)
             if block.downsample is not None:
                 assert isinstance(block.downsample[-2], ReparamConv2d)
@@ -392,8 +408,8 @@ def test_dcn_fallback_on_stride_and_avg_down_keep_the_rest_orepa():
                 dcn += hasattr(theirs, 'conv_offset')
         assert dcn == (12 if fallback else 13)
         assert isinstance(model.layer2[0].downsample[1], ReparamConv2d)  # after the AvgPool
-        assert isinstance(model.layer2[0].conv2, ReparamConv2d if fallback else
-                          type(stock.layer2[1].conv2))
+        assert isinstance(model.layer2[0].conv2,
+                          ReparamConv2d if fallback else type(stock.layer2[1].conv2))
 
 
 def test_stock_resnet_with_orepa_conv_cfg_refuses_dcn_loudly():
@@ -411,8 +427,8 @@ def test_dcn_conv2_starts_from_an_orepa_checkpoints_squeezed_kernel(tmp_path):
     plain = randomise(for_mmdet.OREPAResNet(depth=50, base_channels=8, stem_channels=16))
     path = tmp_path / 'orepa.pth'
     torch.save(dict(state_dict=plain.state_dict()), path)
-    model = for_mmdet.OREPAResNet(**_dcn_kwargs('DCN', init_cfg=dict(type='Pretrained',
-                                                                     checkpoint=str(path))))
+    model = for_mmdet.OREPAResNet(
+        **_dcn_kwargs('DCN', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     model.init_weights()
     model.eval()
     torch.testing.assert_close(model.layer3[1].conv2.weight,
@@ -434,14 +450,23 @@ def _stock_like(model):
 
 
 PLUGINS = [
-    dict(cfg=dict(type='ContextBlock', ratio=1. / 4), stages=(False, True, True, True),
-         position='after_conv3'),
-    dict(cfg=dict(type='GeneralizedAttention', spatial_range=-1, num_heads=2,
-                  attention_type='0010', kv_stride=2), stages=(False, False, True, True),
-         position='after_conv2'),
-    dict(cfg=dict(type='NonLocal2d', reduction=2, use_scale=True), stages=(False, False, True,
-                                                                          False),
-         position='after_conv1'),
+    dict(
+        cfg=dict(type='ContextBlock', ratio=1. / 4),
+        stages=(False, True, True, True),
+        position='after_conv3'),
+    dict(
+        cfg=dict(
+            type='GeneralizedAttention',
+            spatial_range=-1,
+            num_heads=2,
+            attention_type='0010',
+            kv_stride=2),
+        stages=(False, False, True, True),
+        position='after_conv2'),
+    dict(
+        cfg=dict(type='NonLocal2d', reduction=2, use_scale=True),
+        stages=(False, False, True, False),
+        position='after_conv1'),
 ]
 NORMS = {
     'GN': dict(type='GN', num_groups=4, requires_grad=True),
@@ -455,26 +480,26 @@ def test_plugins_and_norms_train_and_deploy_to_stock(case):
     """mmdet's GCNet / empirical-attention / non-local plugins and GN / SyncBN norms: plugins stay
     stock, the rest is OREPA; deployed == mmdet's ResNet with the same arguments. SyncBN runs
     without a process group on the CPU (torch's SyncBatchNorm then normalises per process)."""
-    kwargs = dict(depth=50, base_channels=16, stem_channels=16, out_indices=(0, 1, 2, 3),
-                  norm_eval=False)
+    kwargs = dict(
+        depth=50, base_channels=16, stem_channels=16, out_indices=(0, 1, 2, 3), norm_eval=False)
     if 'plugins' in case:
         kwargs['plugins'] = PLUGINS
     for norm in NORMS:
         if norm in case:
             kwargs['norm_cfg'] = NORMS[norm]
     if 'DCN' in case:
-        kwargs.update(dcn=dict(type='DCNv2', deform_groups=2),
-                      stage_with_dcn=(False, False, True, True))
+        kwargs.update(
+            dcn=dict(type='DCNv2', deform_groups=2), stage_with_dcn=(False, False, True, True))
     torch.manual_seed(0)
     model = for_mmdet.OREPAResNet(**copy.deepcopy(kwargs))
     if 'plugins' in case:
         block = model.layer3[0]
-        assert {'context_block', 'gen_attention_block', 'nonlocal_block'} <= set(
-            dict(block.named_children()))
-        assert not any(isinstance(m, ReparamConv2d) for name in ('context_block',
-                                                                 'gen_attention_block',
-                                                                 'nonlocal_block')
-                       for m in getattr(block, name).modules())
+        assert {'context_block', 'gen_attention_block',
+                'nonlocal_block'} <= set(dict(block.named_children()))
+        assert not any(
+            isinstance(m, ReparamConv2d)
+            for name in ('context_block', 'gen_attention_block', 'nonlocal_block')
+            for m in getattr(block, name).modules())
     if 'SyncBN' in case:
         assert isinstance(model.norm1, nn.SyncBatchNorm)
     x = torch.randn(2, 3, 96, 96)

@@ -143,8 +143,8 @@ def run_in_process(tool, argv, cwd, capsys, monkeypatch, patch=None) -> Ran:
 def run_subprocess(tool, argv, cwd, prelude='') -> Ran:
     """The tool as ``python tools/<tool>.py ARGS``; ``prelude`` runs first (a patch)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    env['PYTHONPATH'] = os.pathsep.join(
-        [str(REPO)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] +
+                                        ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     env.pop('PYTHONWARNINGS', None)
     if prelude:
         script = prelude + textwrap.dedent(f'''
@@ -155,8 +155,7 @@ def run_subprocess(tool, argv, cwd, prelude='') -> Ran:
         command = [sys.executable, '-c', script]
     else:
         command = [sys.executable, _tool(tool), *argv]
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     return Ran(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -168,8 +167,8 @@ def snapshot(root: Path) -> Dict[str, object]:
             found[osp.relpath(osp.join(folder, name), root)] = 'dir'
         for name in files:
             path = osp.join(folder, name)
-            found[osp.relpath(path, root)] = (os.readlink(path) if osp.islink(path) else
-                                              Path(path).read_bytes())
+            found[osp.relpath(path, root)] = (
+                os.readlink(path) if osp.islink(path) else Path(path).read_bytes())
     return found
 
 
@@ -202,15 +201,18 @@ class Row:
 
 
 def _file(relative: str, data: bytes = b'previous output\n'):
+
     def setup(w, t):
         path = t / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
     return setup
 
 
 def _deploy_dir_with(blocker: str):
     """An earlier run's outputs in T/O, with ``blocker`` (a folder) in place of one of them."""
+
     def setup(w, t):
         (t / 'O').mkdir()
         (t / 'O' / 'deploy.pth').write_bytes(b'previous deploy.pth')
@@ -219,6 +221,7 @@ def _deploy_dir_with(blocker: str):
         if target.exists():
             target.unlink()
         target.mkdir()
+
     return setup
 
 
@@ -233,11 +236,14 @@ def _interrupt_writing_the_config(main, monkeypatch):
     import orepa_mm.apis.reparameterize as module
 
     def save_text(text):
+
         def write(path):
             with open(path, 'w') as f:
                 f.write(text[:10])
             raise KeyboardInterrupt
+
         return write
+
     monkeypatch.setattr(module, '_save_text', save_text)
 
 
@@ -247,12 +253,15 @@ def _interrupt_torch_save(main, monkeypatch):
     def save(obj, f, *args, **kwargs):
         real(obj, f, *args, **kwargs)
         raise KeyboardInterrupt
+
     monkeypatch.setattr(torch, 'save', save)
 
 
 def _interrupt_before_the_runner(main, monkeypatch):
+
     def build_runner(cfg):
         raise KeyboardInterrupt
+
     monkeypatch.setitem(main.__globals__, 'build_runner', build_runner)
 
 
@@ -300,36 +309,42 @@ ROWS = [
     Row('train-cfg-options-text-for-a-number', 'train',
         ['{W}/toy.py', '--cfg-options', 'train_cfg.max_epochs=abc'],
         ('train_cfg.max_epochs=abc', 'a number')),
-    Row('train-work-dir-is-a-file', 'train', ['{W}/toy.py', '--work-dir', '{T}/work'],
-        ('work dir {T}/work is an existing file', ), setup=_file('work')),
+    Row('train-work-dir-is-a-file',
+        'train', ['{W}/toy.py', '--work-dir', '{T}/work'],
+        ('work dir {T}/work is an existing file', ),
+        setup=_file('work')),
     Row('train-load-from-truncated', 'train', [*TRAIN_CKPT, 'load_from={W}/truncated.pth'],
         CORRUPT),
     Row('train-resume-empty', 'train',
         ['{W}/toy.py', '--work-dir', '{T}/work', '--resume', '{W}/empty.pth'], ('empty', )),
     Row('train-resume-list', 'train',
-        ['{W}/toy.py', '--work-dir', '{T}/work', '--resume', '{W}/list.pth'],
-        ('holds a list', )),
-    Row('train-load-from-no-state-dict', 'train',
-        [*TRAIN_CKPT, 'load_from={W}/no_state_dict.pth'], ('holds no model weights', )),
-    Row('train-load-from-malicious', 'train', [*TRAIN_CKPT, 'load_from={W}/evil.pth'],
-        SAFETY),
-    Row('train-ctrl-c', 'train', ['{W}/toy.py', '--work-dir', '{T}/work'],
-        ('interrupted by SIGINT', ), code=130, patch=_interrupt_before_the_runner),
+        ['{W}/toy.py', '--work-dir', '{T}/work', '--resume', '{W}/list.pth'], ('holds a list', )),
+    Row('train-load-from-no-state-dict', 'train', [*TRAIN_CKPT, 'load_from={W}/no_state_dict.pth'],
+        ('holds no model weights', )),
+    Row('train-load-from-malicious', 'train', [*TRAIN_CKPT, 'load_from={W}/evil.pth'], SAFETY),
+    Row('train-ctrl-c',
+        'train', ['{W}/toy.py', '--work-dir', '{T}/work'], ('interrupted by SIGINT', ),
+        code=130,
+        patch=_interrupt_before_the_runner),
     # -- tools/test.py
     Row('test-config-missing', 'test', ['{W}/nope.py', '{W}/epoch_1.pth'], ('does not exist', )),
     Row('test-config-syntax-error', 'test', ['{W}/syntax.py', '{W}/epoch_1.pth'],
         ('cannot read config', 'SyntaxError')),
     Row('test-cfg-options-no-equals', 'test',
         ['{W}/toy.py', '{W}/epoch_1.pth', '--cfg-options', 'foo'], ('not KEY=VALUE', )),
-    Row('test-work-dir-is-a-file', 'test',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--work-dir', '{T}/work'], ('existing file', ),
+    Row('test-work-dir-is-a-file',
+        'test', ['{W}/toy.py', '{W}/epoch_1.pth', '--work-dir', '{T}/work'], ('existing file', ),
         setup=_file('work')),
     Row('test-checkpoint-truncated', 'test', ['{W}/toy.py', '{W}/truncated.pth'], CORRUPT),
     Row('test-checkpoint-empty', 'test', ['{W}/toy.py', '{W}/empty.pth'], ('empty', )),
     Row('test-checkpoint-list', 'test', ['{W}/toy.py', '{W}/list.pth'], ('holds a list', )),
-    Row('test-checkpoint-image', 'test', ['{W}/toy.py', '{W}/image.pth'], CORRUPT,
+    Row('test-checkpoint-image',
+        'test', ['{W}/toy.py', '{W}/image.pth'],
+        CORRUPT,
         not_said=('pickles', )),
-    Row('test-checkpoint-raw-pickle', 'test', ['{W}/toy.py', '{W}/raw.pkl'], CORRUPT,
+    Row('test-checkpoint-raw-pickle',
+        'test', ['{W}/toy.py', '{W}/raw.pkl'],
+        CORRUPT,
         not_said=('pickles', )),
     Row('test-checkpoint-no-state-dict', 'test', ['{W}/toy.py', '{W}/no_state_dict.pth'],
         ('holds no model weights', )),
@@ -346,16 +361,17 @@ ROWS = [
         ('/proc/x/p.pkl', 'not writable')),
     Row('test-out-empty', 'test', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', ''],
         ('--out is empty', )),
-    Row('test-out-is-a-directory', 'test',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/preds.pkl'],
-        ('existing directory', ), setup=lambda w, t: (t / 'preds.pkl').mkdir()),
+    Row('test-out-is-a-directory',
+        'test', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/preds.pkl'],
+        ('existing directory', ),
+        setup=lambda w, t: (t / 'preds.pkl').mkdir()),
     # -- tools/reparameterize.py
-    Row('reparameterize-config-target-is-a-directory', 'reparameterize',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'],
+    Row('reparameterize-config-target-is-a-directory',
+        'reparameterize', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'],
         ('{T}/O/deploy_config.py', 'existing directory'),
         setup=_deploy_dir_with('deploy_config.py')),
-    Row('reparameterize-onnx-target-is-a-directory', 'reparameterize',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'],
+    Row('reparameterize-onnx-target-is-a-directory',
+        'reparameterize', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'],
         ('deploy_backbone.onnx', 'existing directory'),
         setup=_deploy_dir_with('deploy_backbone.onnx')),
     Row('reparameterize-out-unwritable', 'reparameterize',
@@ -364,40 +380,56 @@ ROWS = [
         ['{W}/toy.py', '{W}/epoch_1.pth', '--out', ''], ('--out is empty', )),
     Row('reparameterize-config-missing', 'reparameterize',
         ['{W}/nope.py', '{W}/epoch_1.pth', '--out', '{T}/O'], ('does not exist', 'pass ')),
-    Row('reparameterize-checkpoint-malicious', 'reparameterize',
-        ['{W}/toy.py', '{W}/evil.pth', '--out', '{T}/O'], SAFETY,
+    Row('reparameterize-checkpoint-malicious',
+        'reparameterize', ['{W}/toy.py', '{W}/evil.pth', '--out', '{T}/O'],
+        SAFETY,
         not_said=('corrupt', )),
-    Row('reparameterize-checkpoint-image', 'reparameterize',
-        ['{W}/toy.py', '{W}/image.pth', '--out', '{T}/O'], CORRUPT, not_said=('pickles', )),
-    Row('reparameterize-checkpoint-raw-pickle', 'reparameterize',
-        ['{W}/toy.py', '{W}/raw.pkl', '--out', '{T}/O'], CORRUPT, not_said=('pickles', )),
-    Row('reparameterize-ctrl-c-writing-the-second-file', 'reparameterize',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'], ('interrupted by SIGINT', ),
-        code=130, setup=_previous_outputs, patch=_interrupt_writing_the_config),
-    Row('reparameterize-ctrl-c-into-a-new-directory', 'reparameterize',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/new/O'], ('interrupted by SIGINT', ),
-        code=130, patch=_interrupt_writing_the_config),
+    Row('reparameterize-checkpoint-image',
+        'reparameterize', ['{W}/toy.py', '{W}/image.pth', '--out', '{T}/O'],
+        CORRUPT,
+        not_said=('pickles', )),
+    Row('reparameterize-checkpoint-raw-pickle',
+        'reparameterize', ['{W}/toy.py', '{W}/raw.pkl', '--out', '{T}/O'],
+        CORRUPT,
+        not_said=('pickles', )),
+    Row('reparameterize-ctrl-c-writing-the-second-file',
+        'reparameterize', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'],
+        ('interrupted by SIGINT', ),
+        code=130,
+        setup=_previous_outputs,
+        patch=_interrupt_writing_the_config),
+    Row('reparameterize-ctrl-c-into-a-new-directory',
+        'reparameterize', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/new/O'],
+        ('interrupted by SIGINT', ),
+        code=130,
+        patch=_interrupt_writing_the_config),
     # -- tools/convert_official_checkpoint.py
-    Row('convert-dst-is-a-directory', 'convert_official_checkpoint',
-        ['{W}/official.pth.tar', '{T}/dst.pth'], ('{T}/dst.pth', 'existing directory'),
+    Row('convert-dst-is-a-directory',
+        'convert_official_checkpoint', ['{W}/official.pth.tar', '{T}/dst.pth'],
+        ('{T}/dst.pth', 'existing directory'),
         setup=lambda w, t: (t / 'dst.pth').mkdir()),
     Row('convert-dst-empty', 'convert_official_checkpoint', ['{W}/official.pth.tar', ''],
         ('DST is empty', )),
-    Row('convert-src-is-a-directory', 'convert_official_checkpoint',
-        ['{W}/a_dir.py', '{T}/dst.pth'], ('is a directory', ), not_said=('does not exist', )),
-    Row('convert-dst-is-the-source', 'convert_official_checkpoint',
-        ['{T}/src.pth.tar', '{T}/src.pth.tar'], ('is the source checkpoint', ),
-        setup=lambda w, t: (t / 'src.pth.tar').write_bytes(
-            (w / 'official.pth.tar').read_bytes())),
+    Row('convert-src-is-a-directory',
+        'convert_official_checkpoint', ['{W}/a_dir.py', '{T}/dst.pth'], ('is a directory', ),
+        not_said=('does not exist', )),
+    Row('convert-dst-is-the-source',
+        'convert_official_checkpoint', ['{T}/src.pth.tar', '{T}/src.pth.tar'],
+        ('is the source checkpoint', ),
+        setup=lambda w, t: (t / 'src.pth.tar').write_bytes((w / 'official.pth.tar').read_bytes())),
     Row('convert-src-malicious', 'convert_official_checkpoint', ['{W}/evil.pth', '{T}/dst.pth'],
         SAFETY),
-    Row('convert-src-image', 'convert_official_checkpoint', ['{W}/image.pth', '{T}/dst.pth'],
-        ('cannot read', ), not_said=('pickles', )),
+    Row('convert-src-image',
+        'convert_official_checkpoint', ['{W}/image.pth', '{T}/dst.pth'], ('cannot read', ),
+        not_said=('pickles', )),
     Row('convert-src-malicious-plain-pickle', 'convert_official_checkpoint',
         ['{W}/evil_raw.pkl', '{T}/dst.pth'], SAFETY),
-    Row('convert-ctrl-c-while-writing', 'convert_official_checkpoint',
-        ['{W}/official.pth.tar', '{T}/dst.pth'], ('interrupted by SIGINT', ), code=130,
-        setup=_file('dst.pth'), patch=_interrupt_torch_save),
+    Row('convert-ctrl-c-while-writing',
+        'convert_official_checkpoint', ['{W}/official.pth.tar', '{T}/dst.pth'],
+        ('interrupted by SIGINT', ),
+        code=130,
+        setup=_file('dst.pth'),
+        patch=_interrupt_torch_save),
     # -- tools/quantization_check.py
     Row('quantization-out-and-save-onnx-the-same', 'quantization_check',
         ['{W}/deploy_evil', '--out', '{T}/x', '--save-onnx', '{T}/x'], ('given twice', )),
@@ -407,36 +439,52 @@ ROWS = [
         ('--top', '-1')),
     Row('quantization-out-unwritable', 'quantization_check',
         ['{W}/deploy_evil', '--out', '/proc/x/r.json'], ('not writable', )),
-    Row('quantization-out-is-a-directory', 'quantization_check',
-        ['{W}/deploy_evil', '--out', '{T}/r.json'], ('existing directory', ),
+    Row('quantization-out-is-a-directory',
+        'quantization_check', ['{W}/deploy_evil', '--out', '{T}/r.json'], ('existing directory', ),
         setup=lambda w, t: (t / 'r.json').mkdir()),
     Row('quantization-checkpoint-malicious', 'quantization_check', ['{W}/deploy_evil'], SAFETY),
-    Row('quantization-checkpoint-image', 'quantization_check', ['{W}/deploy_image'], CORRUPT,
+    Row('quantization-checkpoint-image',
+        'quantization_check', ['{W}/deploy_image'],
+        CORRUPT,
         not_said=('pickles', )),
     # -- the slow tier: real processes, real signals
-    Row('subprocess-train-config-missing', 'train', ['{W}/nope.py'], ('does not exist', ),
+    Row('subprocess-train-config-missing',
+        'train', ['{W}/nope.py'], ('does not exist', ),
         slow=True),
-    Row('subprocess-test-checkpoint-of-another-model', 'test',
-        ['{W}/toy.py', '{W}/other_model.pth', '--work-dir', '{T}/work'], ('does not fit', ),
+    Row('subprocess-test-checkpoint-of-another-model',
+        'test', ['{W}/toy.py', '{W}/other_model.pth', '--work-dir', '{T}/work'], ('does not fit', ),
         slow=True),
-    Row('subprocess-train-cfg-options-text-for-a-number', 'train',
+    Row('subprocess-train-cfg-options-text-for-a-number',
+        'train',
         ['{W}/toy.py', '--work-dir', '{T}/work', '--cfg-options', 'train_cfg.max_epochs=abc'],
-        ('a number', ), slow=True),
-    Row('subprocess-reparameterize-sigterm-writing-the-second-file', 'reparameterize',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'], ('interrupted by SIGTERM', ),
-        code=143, setup=_previous_outputs, slow=True, prelude=_SIGTERM_WRITING_THE_CONFIG),
-    Row('subprocess-reparameterize-sigint-into-a-new-directory', 'reparameterize',
-        ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/new/O'], ('interrupted by SIGINT', ),
-        code=130, slow=True, prelude=_SIGINT_WRITING_THE_CONFIG),
-    Row('subprocess-convert-sigterm-while-writing', 'convert_official_checkpoint',
-        ['{W}/official.pth.tar', '{T}/sub/dst.pth'], ('interrupted by SIGTERM', ), code=143,
-        slow=True, prelude=_SIGTERM_IN_TORCH_SAVE),
+        ('a number', ),
+        slow=True),
+    Row('subprocess-reparameterize-sigterm-writing-the-second-file',
+        'reparameterize', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/O'],
+        ('interrupted by SIGTERM', ),
+        code=143,
+        setup=_previous_outputs,
+        slow=True,
+        prelude=_SIGTERM_WRITING_THE_CONFIG),
+    Row('subprocess-reparameterize-sigint-into-a-new-directory',
+        'reparameterize', ['{W}/toy.py', '{W}/epoch_1.pth', '--out', '{T}/new/O'],
+        ('interrupted by SIGINT', ),
+        code=130,
+        slow=True,
+        prelude=_SIGINT_WRITING_THE_CONFIG),
+    Row('subprocess-convert-sigterm-while-writing',
+        'convert_official_checkpoint', ['{W}/official.pth.tar', '{T}/sub/dst.pth'],
+        ('interrupted by SIGTERM', ),
+        code=143,
+        slow=True,
+        prelude=_SIGTERM_IN_TORCH_SAVE),
 ]
 
 
 def _params(rows):
-    return [pytest.param(row, id=row.id, marks=[pytest.mark.slow] if row.slow else [])
-            for row in rows]
+    return [
+        pytest.param(row, id=row.id, marks=[pytest.mark.slow] if row.slow else []) for row in rows
+    ]
 
 
 @pytest.fixture
@@ -469,7 +517,7 @@ def test_bad_input(row, world, official, tmp_path, capsys, monkeypatch):
 
 
 def test_reparameterize_refuses_an_immutable_target_before_any_work(world, tmp_path, capsys,
-                                                                      monkeypatch):
+                                                                    monkeypatch):
     """The issue's other blocker: ``deploy_config.py`` that cannot be replaced (chattr +i) is
     found by the check, not after ``deploy.pth`` was replaced."""
     t = tmp_path / 'T'
@@ -480,9 +528,11 @@ def test_reparameterize_refuses_an_immutable_target_before_any_work(world, tmp_p
         pytest.skip('chattr +i is not available here')
     try:
         before = snapshot(t)
-        ran = run_in_process('reparameterize', [str(world / 'toy.py'),
-                                                str(world / 'epoch_1.pth'), '--out', str(t / 'O')],
-                             t, capsys, monkeypatch)
+        ran = run_in_process(
+            'reparameterize',
+            [str(world / 'toy.py'),
+             str(world / 'epoch_1.pth'), '--out',
+             str(t / 'O')], t, capsys, monkeypatch)
         assert_refusal(ran, 2, [f'cannot replace output {config}', 'immutable'])
         assert snapshot(t) == before
     finally:
@@ -494,8 +544,8 @@ def test_converter_replaces_an_existing_file_whole_and_says_so(official, tmp_pat
                                                                monkeypatch):
     dst = tmp_path / 'dst.pth'
     dst.write_bytes(b'previous')
-    ran = run_in_process('convert_official_checkpoint', [str(official), str(dst)], tmp_path,
-                         capsys, monkeypatch)
+    ran = run_in_process('convert_official_checkpoint', [str(official), str(dst)], tmp_path, capsys,
+                         monkeypatch)
     assert ran.returncode == 0, ran.stderr
     assert f'wrote {dst} (replaced the previous file)' in ran.stdout
     assert torch.load(dst, weights_only=True)['meta']['converted_from'] == 'official.pth.tar'
@@ -515,8 +565,10 @@ def test_reparameterize_replaces_the_set_and_drops_a_stale_onnx(world, tmp_path,
     out.mkdir()
     (out / 'deploy.pth').write_bytes(b'previous')
     (out / 'deploy_backbone.onnx').write_bytes(b'an earlier --onnx run')
-    ran = run_in_process('reparameterize', [str(world / 'toy.py'), str(world / 'epoch_1.pth'),
-                                            '--out', str(out)], tmp_path, capsys, monkeypatch)
+    ran = run_in_process('reparameterize',
+                         [str(world / 'toy.py'),
+                          str(world / 'epoch_1.pth'), '--out',
+                          str(out)], tmp_path, capsys, monkeypatch)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert sorted(os.listdir(out)) == ['deploy.pth', 'deploy_config.py']
     assert 'previous outputs' in ran.stdout
@@ -597,8 +649,8 @@ def test_an_interrupt_while_staging_leaves_nothing(tmp_path):
 
 
 def test_outputs_refused_up_front(tmp_path):
-    from orepa_mm.utils.errors import OrepaInputError
     from orepa_mm.utils.atomic_write import OutputSet
+    from orepa_mm.utils.errors import OrepaInputError
     outputs = OutputSet()
     outputs.add(str(tmp_path / 'a'), '--out')
     with pytest.raises(OrepaInputError, match=r'given twice as an output \(--out and --x\)'):
@@ -639,13 +691,16 @@ def test_one_line_and_the_exit_codes_of_run_tool(capsys):
         raise ValueError('deep\ninside')
 
     assert EXIT_BAD_INPUT == 2
-    assert [run_tool(refuse), run_tool(interrupt), run_tool(bug), run_tool(lambda: None)] == [
-        2, 130, EXIT_FAILED, 0]
+    assert [run_tool(refuse),
+            run_tool(interrupt),
+            run_tool(bug),
+            run_tool(lambda: None)] == [2, 130, EXIT_FAILED, 0]
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         'error: two lines.', 'error: interrupted by SIGINT; no output was written or replaced.',
         'error: unexpected ValueError: deep (not a problem with the input as far as the checks '
-        'know; OREPA_MM_TRACEBACK=1 shows the traceback).']
+        'know; OREPA_MM_TRACEBACK=1 shows the traceback).'
+    ]
 
 
 def test_sigterm_becomes_an_interrupt_and_is_restored():

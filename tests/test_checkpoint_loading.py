@@ -21,8 +21,9 @@ from mmengine.hooks import Hook
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.model import BaseModel
 from mmengine.optim.scheduler.param_scheduler import OneCycleParamScheduler
-from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner import Runner
 from mmengine.runner import checkpoint as mmengine_checkpoint
+from mmengine.runner import load_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 from torch.utils.data import Dataset
 
@@ -75,10 +76,8 @@ def make_runner(work_dir, max_iters, **kwargs):
             batch_size=2,
             num_workers=0,
             collate_fn=dict(type='default_collate')),
-        optim_wrapper=dict(
-            optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
-        param_scheduler=dict(
-            type='OneCycleLR', eta_max=0.01, total_steps=8, by_epoch=False),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
+        param_scheduler=dict(type='OneCycleLR', eta_max=0.01, total_steps=8, by_epoch=False),
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         default_hooks=dict(
             checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),
@@ -144,11 +143,7 @@ def test_loading_leaves_torch_allowlist_unchanged(runner_ckpt):
 def test_resume_continues_from_checkpoint(runner_ckpt, tmp_path):
     recorder = RecordIters()
     runner = make_runner(
-        tmp_path,
-        max_iters=6,
-        resume=True,
-        load_from=runner_ckpt,
-        custom_hooks=[recorder])
+        tmp_path, max_iters=6, resume=True, load_from=runner_ckpt, custom_hooks=[recorder])
     runner.train()
     assert recorder.iters == [4, 5]
     assert runner.iter == 6
@@ -216,8 +211,7 @@ class _PickleWithModules:
 
 
 def _save(obj, path, **kwargs):
-    torch.save({'state_dict': {}, 'meta': {}, 'payload': obj}, str(path),
-               **kwargs)
+    torch.save({'state_dict': {}, 'meta': {}, 'payload': obj}, str(path), **kwargs)
     return str(path)
 
 
@@ -249,9 +243,7 @@ def test_reduce_to_open_is_refused_without_running(tmp_path):
 def test_getattr_of_os_system_is_refused(tmp_path):
     marker = tmp_path / 'getattr_ran'
     path = _save(
-        RunsShellViaGetattr(marker),
-        tmp_path / 'evil.pth',
-        pickle_module=_PickleWithModules)
+        RunsShellViaGetattr(marker), tmp_path / 'evil.pth', pickle_module=_PickleWithModules)
     _assert_refused(path)
     assert not marker.exists()
 
@@ -272,14 +264,12 @@ def test_process_wide_getattr_allowlisting_does_not_widen_it(tmp_path):
         _assert_refused(path, 'register_statistics')
         assert getattr in torch.serialization.get_safe_globals()
     finally:
-        torch.serialization._weights_only_unpickler._remove_safe_globals(
-            [getattr])
+        torch.serialization._weights_only_unpickler._remove_safe_globals([getattr])
 
 
 def test_register_is_idempotent():
     register_safe_checkpoint_loader()
     register_safe_checkpoint_loader()
-    loaders = [fn for prefix, fn in CheckpointLoader._schemes.items()
-               if prefix == '']
+    loaders = [fn for prefix, fn in CheckpointLoader._schemes.items() if prefix == '']
     assert len(loaders) == 1
     assert loaders[0].__module__ == 'orepa_mm.utils.checkpoint_io'

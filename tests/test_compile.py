@@ -13,8 +13,7 @@ from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
 from orepa_mm.cnn import (OREPA_VGG_BRANCHES, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d,
-                          ReparamConv2d)
-from orepa_mm.cnn import fused_ops
+                          ReparamConv2d, fused_ops)
 from tests.numerics import rel_err
 
 
@@ -41,15 +40,14 @@ def randomise(model, seed=0):
 
 def loss_of(out):
     outs = out if isinstance(out, (tuple, list)) else (out, )
-    return sum((o.square() * (1 + torch.arange(o.numel(), dtype=o.dtype).view(o.shape) % 3))
-               .mean() for o in outs)
+    return sum((o.square() * (1 + torch.arange(o.numel(), dtype=o.dtype).view(o.shape) % 3)).mean()
+               for o in outs)
 
 
 def train_step(model, x, fn=None):
     """Loss, outputs and every parameter's gradient of one forward + backward."""
     out = (model if fn is None else fn)(x)
-    grads = torch.autograd.grad(loss_of(out), [p for p in model.parameters()
-                                               if p.requires_grad])
+    grads = torch.autograd.grad(loss_of(out), [p for p in model.parameters() if p.requires_grad])
     outs = out if isinstance(out, (tuple, list)) else (out, )
     return [o.detach() for o in outs], grads
 
@@ -118,8 +116,8 @@ def test_compiled_graphs_keep_the_fused_ops():
     if fused_ops.KXK_KERNEL_OPS is None:
         pytest.skip('orepa_mm._kxk_kernel_ops is not built (make install builds it)')
     torch.manual_seed(0)
-    model = randomise(nn.Sequential(OREPAConv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
-                                    OREPAConv1x1(6, 8)))
+    model = randomise(
+        nn.Sequential(OREPAConv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), OREPAConv1x1(6, 8)))
     x = torch.randn(2, 4, 12, 12)
     recorder = RecordingBackend()
     eager = train_step(model, x)
@@ -135,6 +133,7 @@ def _mmdet_backbone(type_, depth):
     # The classes themselves: a registry build would depend on the default scope that earlier
     # tests left behind.
     from mmdet.models.backbones import ResNet
+
     from orepa_mm.models.backbones.for_mmdet import OREPAResNet
     cls = {'OREPAResNet': OREPAResNet, 'ResNet': ResNet}[type_]
     return cls(depth=depth, base_channels=8, stem_channels=8, out_indices=(0, 1, 2, 3))
@@ -171,8 +170,8 @@ def test_small_model_under_inductor_matches_eager_and_calls_the_fused_ops():
     torch.manual_seed(0)
     # No BN at the end: there, Inductor's own fp32 BN backward alone moves the gradients by
     # up to ~7e-5 (eager: ~8e-6 off float64, Inductor: ~6e-5), which is not what this tests.
-    model = randomise(nn.Sequential(OREPAConv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
-                                    OREPAConv1x1(6, 8)))
+    model = randomise(
+        nn.Sequential(OREPAConv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), OREPAConv1x1(6, 8)))
     x = torch.randn(2, 4, 16, 16)
     eager = train_step(model, x)
     compiled_model = torch.compile(model)
@@ -193,8 +192,8 @@ def _orepa_vgg(arch):
 
 
 def test_orepa_vgg_train_step_under_aot_eager():
-    arch = dict(num_blocks=[1, 2, 1, 1], width_factor=[1, 1, 1, 1], group_layer_map=None,
-                se_cfg=None)
+    arch = dict(
+        num_blocks=[1, 2, 1, 1], width_factor=[1, 1, 1, 1], group_layer_map=None, se_cfg=None)
     torch.manual_seed(0)
     model = randomise(_orepa_vgg(arch))
     x = torch.randn(2, 3, 32, 32)

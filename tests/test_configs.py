@@ -46,9 +46,21 @@ DEMO = {
     'demo/faster_rcnn_orepa_r18_demo': 'data/demo/',
     'demo/pspnet_orepa_r18_demo': 'data/demo/',
 }
-SCOPES = {**{k: 'mmdet' for k in DETECTION}, **{k: 'mmseg' for k in SEGMENTATION},
-          **{k: 'mmpretrain' for k in CLASSIFICATION},
-          'demo/faster_rcnn_orepa_r18_demo': 'mmdet', 'demo/pspnet_orepa_r18_demo': 'mmseg'}
+SCOPES = {
+    **{
+        k: 'mmdet'
+        for k in DETECTION
+    },
+    **{
+        k: 'mmseg'
+        for k in SEGMENTATION
+    },
+    **{
+        k: 'mmpretrain'
+        for k in CLASSIFICATION
+    }, 'demo/faster_rcnn_orepa_r18_demo': 'mmdet',
+    'demo/pspnet_orepa_r18_demo': 'mmseg'
+}
 DATA_ROOTS = {**DETECTION, **SEGMENTATION, **CLASSIFICATION, **DEMO}
 #: Shipped configs that inherit another shipped config (which inherits the stock one).
 DERIVED = {'faster_rcnn_orepa_r50_fpn_orepa': 'faster_rcnn_orepa_r50'}
@@ -68,8 +80,10 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_every_shipped_config_is_listed_here():
-    shipped = {osp.relpath(p, CONFIG_DIR)[:-3]
-               for p in glob.glob(osp.join(CONFIG_DIR, '**', '*.py'), recursive=True)}
+    shipped = {
+        osp.relpath(p, CONFIG_DIR)[:-3]
+        for p in glob.glob(osp.join(CONFIG_DIR, '**', '*.py'), recursive=True)
+    }
     assert shipped == set(ALL)
 
 
@@ -87,8 +101,8 @@ def test_config_resolves_its_base_and_imports_orepa_mm(name):
         text = open(config_path(DERIVED[name])).read()
     assert f"_base_ = '{SCOPES[name]}::" in text  # inherits the stock OpenMMLab config
     # what the base provides is there: a full model, data and schedule
-    for key in ('model', 'train_dataloader', 'val_dataloader', 'test_dataloader',
-                'optim_wrapper', 'param_scheduler', 'train_cfg', 'default_hooks'):
+    for key in ('model', 'train_dataloader', 'val_dataloader', 'test_dataloader', 'optim_wrapper',
+                'param_scheduler', 'train_cfg', 'default_hooks'):
         assert key in cfg, key
     assert cfg.model.backbone.type.startswith('OREPA')
 
@@ -99,20 +113,23 @@ def tiny_batch(cfg, scope, size):
     torch.manual_seed(0)
     if scope == 'mmdet':
         from mmdet.testing import demo_mm_inputs
-        heads = [cfg.model.get('roi_head', {}).get('bbox_head', {}),
-                 cfg.model.get('bbox_head', {})]
+        heads = [cfg.model.get('roi_head', {}).get('bbox_head', {}), cfg.model.get('bbox_head', {})]
         num_classes = next(h['num_classes'] for h in heads if h)
-        return demo_mm_inputs(batch_size=2, image_shapes=(3, size, size),
-                              num_classes=num_classes, num_items=[2, 3],
-                              with_mask='mask_head' in cfg.model.get('roi_head', {}))
+        return demo_mm_inputs(
+            batch_size=2,
+            image_shapes=(3, size, size),
+            num_classes=num_classes,
+            num_items=[2, 3],
+            with_mask='mask_head' in cfg.model.get('roi_head', {}))
     inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(2)]
     if scope == 'mmseg':
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
         samples = []
         for _ in inputs:
-            sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
-                                                 pad_shape=(size, size)))
+            sample = SegDataSample(
+                metainfo=dict(
+                    img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size)))
             num_classes = cfg.model.decode_head.num_classes
             sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, size, size)))
             samples.append(sample)
@@ -264,7 +281,8 @@ def test_no_weight_decay_on_norms_and_biases():
                 assert decay[id(p)] == 0, f'{name}.{pname}'
     assert decay[id(model.head.fc.weight)] == pytest.approx(1e-4)
     assert any(v == pytest.approx(1e-4) for k, v in decay.items()
-               if k in {id(p) for p in model.backbone.layer1.parameters() if p.ndim == 4})
+               if k in {id(p)
+                        for p in model.backbone.layer1.parameters() if p.ndim == 4})
 
 
 # -- data paths --------------------------------------------------------------------------------
@@ -306,6 +324,7 @@ def test_dcn_config_deploys_to_upstreams_stock_dcn_model():
     """deploy_config: mmdet's ResNet with the same dcn; the re-parameterized backbone loads into
     it strictly, DCN layers included (tiny widths: the structure is what is checked)."""
     from mmcv.ops import DeformConv2dPack
+
     from orepa_mm.apis import deploy_config
     cfg = load('faster_rcnn_orepa_r50_dcn')
     deployed = deploy_config(cfg)
@@ -392,8 +411,8 @@ def test_fpn_orepa_config_deploys_to_mmdets_stock_faster_rcnn():
     with torch.no_grad():
         ours, theirs = model.extract_feat(x), stock.extract_feat(x)
         ours_rpn, theirs_rpn = model.rpn_head(ours), stock.rpn_head(theirs)
-    pairs = list(zip(ours, theirs)) + [
-        (a, b) for levels in zip(ours_rpn, theirs_rpn) for a, b in zip(*levels)]
+    pairs = list(zip(ours, theirs)) + [(a, b) for levels in zip(ours_rpn, theirs_rpn)
+                                       for a, b in zip(*levels)]
     assert len(pairs) == 5 + 2 * 5
     for a, b in pairs:
         assert float((a - b).abs().max() / a.abs().max()) < 1e-9

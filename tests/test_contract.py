@@ -38,8 +38,12 @@ KINDS = OREPA_KINDS + ('dbb', )
 
 
 def _settings(max_examples: int):
-    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow])
 
 
 class Cfg(NamedTuple):
@@ -65,7 +69,11 @@ def configs(draw, kinds=KINDS):
         groups=draw(st.sampled_from((1, 2))) if grouped else 1,
         stride=draw(st.sampled_from((1, 2))),
         dilation=draw(st.sampled_from((1, 2))) if kind in ('kxk', 'vgg') else 1,
-        k={'kxk': draw(st.sampled_from((3, 5))), '1x1': 1, 'large': 7}.get(kind, 3),
+        k={
+            'kxk': draw(st.sampled_from((3, 5))),
+            '1x1': 1,
+            'large': 7
+        }.get(kind, 3),
         # 1 x 1: both shapes of its identity-initialised pair (O > I and O <= I).
         channels=draw(st.sampled_from(((4, 6), (6, 4)))) if kind == '1x1' else (4, 6))
 
@@ -77,8 +85,7 @@ def build(cfg: Cfg, seed: int = 0) -> nn.Module:
     if cfg.kind == 'kxk':
         layer = OREPAConv2d(i, o, cfg.k, dilation=cfg.dilation, groups=cfg.groups, **geometry)
     elif cfg.kind == 'vgg':
-        layer = build_orepa_vgg_conv(i, o, 3, dilation=cfg.dilation, groups=cfg.groups,
-                                     **geometry)
+        layer = build_orepa_vgg_conv(i, o, 3, dilation=cfg.dilation, groups=cfg.groups, **geometry)
     elif cfg.kind == '1x1':
         layer = OREPAConv1x1(i, o, **geometry)
     elif cfg.kind == 'large':
@@ -100,9 +107,15 @@ def conv_with(layer: nn.Module, x: torch.Tensor, kernel, bias) -> torch.Tensor:
 
 def stock_conv(layer: nn.Module, seed: int = 0) -> nn.Conv2d:
     """An ``nn.Conv2d`` of ``layer``'s geometry: random weight, bias 1..O (if any)."""
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                     layer.padding, layer.dilation, layer.groups,
-                     bias=layer.bias is not None).double()
+    conv = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        bias=layer.bias is not None).double()
     g = torch.Generator().manual_seed(200 + seed)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
@@ -250,13 +263,12 @@ def _value(shape, seed=3):
 #: kernel, ``m`` a boolean mask of its shape.
 WRITES = {
     'copy_': (lambda layer, w, v, m: w.copy_(v), lambda t, v, m: t.copy_(v)),
-    'setitem': (lambda layer, w, v, m: w.__setitem__(0, 0.0),
-                lambda t, v, m: t.__setitem__(0, 0.0)),
+    'setitem':
+    (lambda layer, w, v, m: w.__setitem__(0, 0.0), lambda t, v, m: t.__setitem__(0, 0.0)),
     'index_zero_': (lambda layer, w, v, m: w[0].zero_(), lambda t, v, m: t[0].zero_()),
-    'detach_zero_': (lambda layer, w, v, m: w.detach().zero_(),
-                     lambda t, v, m: t.detach().zero_()),
-    'view_mul_': (lambda layer, w, v, m: w.view(-1).mul_(0.5),
-                  lambda t, v, m: t.view(-1).mul_(0.5)),
+    'detach_zero_': (lambda layer, w, v, m: w.detach().zero_(), lambda t, v, m: t.detach().zero_()),
+    'view_mul_':
+    (lambda layer, w, v, m: w.view(-1).mul_(0.5), lambda t, v, m: t.view(-1).mul_(0.5)),
     'reshape_fill_': (lambda layer, w, v, m: w.reshape(w.shape[0], -1).fill_(1.0),
                       lambda t, v, m: t.reshape(t.shape[0], -1).fill_(1.0)),
     'flatten_copy_': (lambda layer, w, v, m: w.flatten(1).copy_(v.flatten(1)),
@@ -266,18 +278,19 @@ WRITES = {
     'foreach_mul_': (lambda layer, w, v, m: torch._foreach_mul_([w], 0.5),
                      lambda t, v, m: torch._foreach_mul_([t], 0.5)),
     'fill_': (lambda layer, w, v, m: w.fill_(2.0), lambda t, v, m: t.fill_(2.0)),
-    'masked_fill_': (lambda layer, w, v, m: w.masked_fill_(m, 0.0),
-                     lambda t, v, m: t.masked_fill_(m, 0.0)),
-    'data_setitem': (lambda layer, w, v, m: w.data.__setitem__(0, 0.0),
-                     lambda t, v, m: t.__setitem__(0, 0.0)),
+    'masked_fill_':
+    (lambda layer, w, v, m: w.masked_fill_(m, 0.0), lambda t, v, m: t.masked_fill_(m, 0.0)),
+    'data_setitem':
+    (lambda layer, w, v, m: w.data.__setitem__(0, 0.0), lambda t, v, m: t.__setitem__(0, 0.0)),
     'data_assign': (lambda layer, w, v, m: setattr(w, 'data', v), lambda t, v, m: t.copy_(v)),
     'layer_assign': (lambda layer, w, v, m: setattr(layer, 'weight', v),
                      lambda t, v, m: t.copy_(v)),
     'mul_': (lambda layer, w, v, m: w.mul_(2), lambda t, v, m: t.mul_(2)),
     'add_out': (lambda layer, w, v, m: torch.add(v, 1.0, out=w),
                 lambda t, v, m: torch.add(v, 1.0, out=t)),
-    'kaiming_normal_': (lambda layer, w, v, m: nn.init.kaiming_normal_(
-        w, generator=torch.Generator().manual_seed(5)), None),
+    'kaiming_normal_':
+    (lambda layer, w, v, m: nn.init.kaiming_normal_(w, generator=torch.Generator().manual_seed(5)),
+     None),
 }
 
 
@@ -445,20 +458,24 @@ def _assert_not_stale(layer, x):
         assert rel_err(layer(x), conv_with(layer, x, kernel, bias)) <= TOL
 
 
-@given(cfg=configs(),
-       ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 63), st.booleans()),
-                    min_size=1, max_size=8))
+@given(
+    cfg=configs(),
+    ops=st.lists(
+        st.tuples(st.sampled_from(OPS), st.integers(0, 63), st.booleans()), min_size=1, max_size=8))
 @_settings(30)
-@example(cfg=Cfg('kxk', False), ops=[('freeze', 0, False), ('eval', 0, False),
-                                     ('forward_inference_mode', 0, False),
-                                     ('forward_backward_input_grad', 0, True)]
-         ).via('issue 20 item 9: an inference tensor saved for backward')
-@example(cfg=Cfg('dbb', False), ops=[('eval', 0, False), ('read_weight_no_grad', 0, False),
-                                     ('buffer_mul', 2, True)]
-         ).via('issue 20 item 5: DBB kernel stale after a BN buffer change')
-@example(cfg=Cfg('1x1', True, k=1), ops=[('eval', 0, True), ('forward_no_grad', 0, False),
-                                         ('param_data_mul', 0, True)]
-         ).via('a .data write after a reuse')
+@example(
+    cfg=Cfg('kxk', False),
+    ops=[('freeze', 0, False), ('eval', 0, False), ('forward_inference_mode', 0, False),
+         ('forward_backward_input_grad', 0, True)
+         ]).via('issue 20 item 9: an inference tensor saved for backward')
+@example(
+    cfg=Cfg('dbb', False),
+    ops=[('eval', 0, False), ('read_weight_no_grad', 0, False),
+         ('buffer_mul', 2, True)]).via('issue 20 item 5: DBB kernel stale after a BN buffer change')
+@example(
+    cfg=Cfg('1x1', True, k=1),
+    ops=[('eval', 0, True), ('forward_no_grad', 0, False),
+         ('param_data_mul', 0, True)]).via('a .data write after a reuse')
 def test_mode_switches_never_give_a_stale_kernel(cfg, ops):
     """Any sequence of mode switches, forwards and in-place updates: ``weight`` and the forward
     are the function of the current parameters and buffers. Whether the check (itself a read
@@ -474,14 +491,20 @@ def test_mode_switches_never_give_a_stale_kernel(cfg, ops):
 
 # -- 7: weight re-parametrizations are refused loudly ----------------------------------------
 REFUSALS = {
-    'utils.weight_norm': lambda layer: nn.utils.weight_norm(layer),
-    'utils.spectral_norm': lambda layer: nn.utils.spectral_norm(layer),
-    'parametrizations.weight_norm': lambda layer: parametrizations.weight_norm(layer),
-    'parametrizations.spectral_norm': lambda layer: parametrizations.spectral_norm(layer),
-    'register_parametrization': lambda layer: parametrize.register_parametrization(
-        layer, 'weight', nn.Identity()),
-    'prune.l1_unstructured': lambda layer: prune.l1_unstructured(layer, 'weight', 0.3),
-    'prune.random_unstructured': lambda layer: prune.random_unstructured(layer, 'weight', 0.3),
+    'utils.weight_norm':
+    lambda layer: nn.utils.weight_norm(layer),
+    'utils.spectral_norm':
+    lambda layer: nn.utils.spectral_norm(layer),
+    'parametrizations.weight_norm':
+    lambda layer: parametrizations.weight_norm(layer),
+    'parametrizations.spectral_norm':
+    lambda layer: parametrizations.spectral_norm(layer),
+    'register_parametrization':
+    lambda layer: parametrize.register_parametrization(layer, 'weight', nn.Identity()),
+    'prune.l1_unstructured':
+    lambda layer: prune.l1_unstructured(layer, 'weight', 0.3),
+    'prune.random_unstructured':
+    lambda layer: prune.random_unstructured(layer, 'weight', 0.3),
 }
 
 
@@ -595,8 +618,8 @@ def test_jit_trace_of_an_unconverted_layer(cfg, train, double):
 def _flops(model, batch):
     from mmengine.analysis import get_model_complexity_info
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return get_model_complexity_info(model, inputs=(x, ), show_table=False,
-                                     show_arch=False)['flops']
+    return get_model_complexity_info(
+        model, inputs=(x, ), show_table=False, show_arch=False)['flops']
 
 
 def test_flops_of_an_unconverted_resnet_are_the_deployed_ones_per_image():

@@ -39,8 +39,9 @@ def _tensors(out):
 
 def _features(channels, sizes, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, c, s, s, generator=g, dtype=torch.float64)
-                 for c, s in zip(channels, sizes))
+    return tuple(
+        torch.randn(batch, c, s, s, generator=g, dtype=torch.float64)
+        for c, s in zip(channels, sizes))
 
 
 def _mmdet_fpn(conv_cfg):
@@ -50,8 +51,8 @@ def _mmdet_fpn(conv_cfg):
 
 def _mmdet_retina_head(conv_cfg):
     from mmdet.models.dense_heads import RetinaHead
-    return RetinaHead(num_classes=3, in_channels=8, feat_channels=8, stacked_convs=2,
-                      conv_cfg=conv_cfg)
+    return RetinaHead(
+        num_classes=3, in_channels=8, feat_channels=8, stacked_convs=2, conv_cfg=conv_cfg)
 
 
 def _mmseg_fpn(conv_cfg):
@@ -61,9 +62,16 @@ def _mmseg_fpn(conv_cfg):
 
 def _mmseg_uper_head(conv_cfg):
     from mmseg.models.decode_heads import UPerHead
-    return UPerHead(in_channels=[8, 16, 32, 64], in_index=[0, 1, 2, 3], channels=8,
-                    num_classes=3, pool_scales=(1, 2, 3), dropout_ratio=0.0, conv_cfg=conv_cfg,
-                    norm_cfg=dict(type='BN'), align_corners=False)
+    return UPerHead(
+        in_channels=[8, 16, 32, 64],
+        in_index=[0, 1, 2, 3],
+        channels=8,
+        num_classes=3,
+        pool_scales=(1, 2, 3),
+        dropout_ratio=0.0,
+        conv_cfg=conv_cfg,
+        norm_cfg=dict(type='BN'),
+        align_corners=False)
 
 
 #: name -> (build(conv_cfg), the module's input).
@@ -71,8 +79,7 @@ MODULES: Dict[str, Tuple[Callable, Callable]] = {
     'mmdet.FPN': (_mmdet_fpn, lambda: _features([8, 16, 32], [16, 8, 4])),
     'mmdet.RetinaHead': (_mmdet_retina_head, lambda: _features([8, 8], [8, 4])),
     'mmseg.FPN': (_mmseg_fpn, lambda: _features([8, 16, 32], [16, 8, 4])),
-    'mmseg.UPerHead': (_mmseg_uper_head,
-                       lambda: [*_features([8, 16, 32, 64], [16, 8, 4, 2])]),
+    'mmseg.UPerHead': (_mmseg_uper_head, lambda: [*_features([8, 16, 32, 64], [16, 8, 4, 2])]),
 }
 
 
@@ -143,8 +150,11 @@ def test_stock_checkpoint_gives_the_stock_outputs(name):
 
 # -- a backbone's own switch_to_deploy() is reparameterize_model ----------------------------
 #: A RepVGG-A0-like arch, at a quarter of the width.
-REPVGG_ARCH = dict(num_blocks=[1, 2, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25],
-                   group_layer_map=None, se_cfg=None)
+REPVGG_ARCH = dict(
+    num_blocks=[1, 2, 1, 1],
+    width_factor=[0.25, 0.25, 0.25, 0.25],
+    group_layer_map=None,
+    se_cfg=None)
 
 
 def _mmpretrain_repvgg(deploy=False):
@@ -198,4 +208,3 @@ def test_switch_to_deploy_is_reparameterize_model(name):
     stock.load_state_dict(state, strict=True)
     _assert_same_outputs(_eval_outputs(stock, x), expected)
     _assert_same_outputs(_eval_outputs(model, x), expected)
-

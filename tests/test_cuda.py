@@ -29,8 +29,10 @@ def _grads(model, x):
     model.train()
     model.zero_grad(set_to_none=True)
     sum(o.double().square().mean() for o in model(x)).backward()
-    return {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()
-            if p.grad is not None}
+    return {
+        n: p.grad.detach().double().cpu()
+        for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def _worst(a, b):
@@ -102,12 +104,14 @@ def test_cuda_eval_sees_data_writes():
 @pytest.mark.parametrize('variant', ['stock', 'orepa'])
 def test_cuda_training_step_and_eval_make_no_sync(variant):
     from mmdet.models.backbones import ResNet
+
     from orepa_mm import cached_kernels
     from orepa_mm.models.backbones.for_mmdet import OREPAResNet
     torch.manual_seed(0)
     cls = OREPAResNet if variant == 'orepa' else ResNet
     model = cls(depth=50, frozen_stages=1, norm_eval=True).cuda()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=1e-3,
                                 momentum=0.9)
     x = torch.randn(2, 3, 128, 128, device='cuda')
     model.train()

@@ -8,11 +8,7 @@ from orepa_mm.utils.data_check import MissingDatasetError, check_dataset_paths, 
 
 
 def coco_like(root, ann='annotations/train.json', img='train2017/'):
-    return dict(
-        type='CocoDataset',
-        data_root=str(root),
-        ann_file=ann,
-        data_prefix=dict(img=img))
+    return dict(type='CocoDataset', data_root=str(root), ann_file=ann, data_prefix=dict(img=img))
 
 
 def loader(dataset):
@@ -37,14 +33,13 @@ def test_present_dataset_passes(coco_root):
 
 
 def test_missing_annotation_gives_one_sentence(coco_root):
-    cfg = dict(
-        val_dataloader=loader(coco_like(coco_root, ann='annotations/val.json')))
+    cfg = dict(val_dataloader=loader(coco_like(coco_root, ann='annotations/val.json')))
     with pytest.raises(MissingDatasetError) as info:
         check_dataset_paths(cfg)
     expected = osp.join(str(coco_root), 'annotations/val.json')
-    assert str(info.value) == (
-        f'Dataset not found: expected {expected} (for val); see docs/configs.md '
-        "(section 'Datasets') to download and place it.")
+    assert str(
+        info.value) == (f'Dataset not found: expected {expected} (for val); see docs/configs.md '
+                        "(section 'Datasets') to download and place it.")
     assert (info.value.path, info.value.split) == (expected, 'val')
 
 
@@ -56,9 +51,7 @@ def test_missing_data_prefix_is_reported(coco_root):
 
 def test_relative_paths_resolve_against_cwd(coco_root, monkeypatch):
     monkeypatch.chdir(coco_root.parent)
-    cfg = dict(
-        train_dataloader=loader(
-            coco_like(coco_root.name, ann='annotations/missing.json')))
+    cfg = dict(train_dataloader=loader(coco_like(coco_root.name, ann='annotations/missing.json')))
     with pytest.raises(MissingDatasetError) as info:
         check_dataset_paths(cfg)
     assert info.value.path == str(coco_root / 'annotations' / 'missing.json')
@@ -75,10 +68,7 @@ def test_wrappers_are_walked(coco_root):
                     type='ConcatDataset',
                     datasets=[
                         coco_like(coco_root),
-                        dict(
-                            type='ClassBalancedDataset',
-                            oversample_thr=0.1,
-                            dataset=missing)
+                        dict(type='ClassBalancedDataset', oversample_thr=0.1, dataset=missing)
                     ]))))
     with pytest.raises(MissingDatasetError, match='nowhere'):
         check_dataset_paths(cfg)
@@ -91,9 +81,7 @@ def test_mmseg_style_prefixes(tmp_path):
             dict(
                 type='ADE20KDataset',
                 data_root=str(tmp_path),
-                data_prefix=dict(
-                    img_path='images/training',
-                    seg_map_path='annotations/training'))))
+                data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'))))
     with pytest.raises(MissingDatasetError, match='annotations/training'):
         check_dataset_paths(cfg)
 
@@ -103,8 +91,7 @@ def test_mmpretrain_string_prefix_and_bare_data_root(tmp_path):
         train_dataloader=loader(
             dict(type='CustomDataset', data_root=str(tmp_path), data_prefix='')),
         val_dataloader=loader(
-            dict(type='ImageNet', data_root=str(tmp_path / 'imagenet'),
-                 split='val')))
+            dict(type='ImageNet', data_root=str(tmp_path / 'imagenet'), split='val')))
     check_dataset_paths(cfg, splits=('train', ))
     with pytest.raises(MissingDatasetError, match=r'imagenet \(for val\)'):
         check_dataset_paths(cfg)
@@ -115,10 +102,12 @@ def test_mmpretrain_string_prefix_and_bare_data_root(tmp_path):
     [
         dict(type='SyntheticDataset', num_samples=4),  # no paths at all
         dict(type='CIFAR10', data_root='/nonexistent/cifar', download=True),
-        dict(type='CocoDataset', data_root='s3://bucket/coco',
-             ann_file='a.json'),
-        dict(type='CocoDataset', data_root='/nonexistent/coco',
-             ann_file='a.json', backend_args=dict(backend='petrel')),
+        dict(type='CocoDataset', data_root='s3://bucket/coco', ann_file='a.json'),
+        dict(
+            type='CocoDataset',
+            data_root='/nonexistent/coco',
+            ann_file='a.json',
+            backend_args=dict(backend='petrel')),
     ],
     ids=['synthetic', 'downloads', 'uri', 'remote-backend'])
 def test_skipped_datasets(dataset):
@@ -135,8 +124,7 @@ def test_dataset_that_downloads_by_default_is_skipped():
     pytest.importorskip('mmpretrain')
     cfg = dict(
         default_scope='mmpretrain',
-        train_dataloader=loader(
-            dict(type='CIFAR10', data_root='/nonexistent/cifar10')))
+        train_dataloader=loader(dict(type='CIFAR10', data_root='/nonexistent/cifar10')))
     check_dataset_paths(cfg)
     cfg['train_dataloader']['dataset']['download'] = False
     with pytest.raises(MissingDatasetError, match='cifar10'):

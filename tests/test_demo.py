@@ -13,11 +13,9 @@ import os.path as osp
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from demo_dataset import (CLASSES, DET_METAINFO, SEG_CLASSES, SEG_METAINFO, DemoDatasetSpec,
-                               ensure_demo_dataset, generate_demo_dataset)
-from demo_dataset import draw_sample
+                          draw_sample, ensure_demo_dataset, generate_demo_dataset)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = dict(num_train=3, num_val=2, img_size=96, min_size=10, max_size=40)
@@ -58,14 +56,14 @@ def test_coco_and_seg_annotations_describe_the_same_visible_objects(tmp_path):
     assert meta['classes'] == list(CLASSES)
     coco = COCO(str(tmp_path / 'annotations' / 'instances_train.json'))
     assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
-    assert len(coco.getImgIds()) == 6 and len(coco.getAnnIds()) == meta['counts']['train'][
-        'objects'] >= 6 * 2
+    assert len(coco.getImgIds()) == 6 and len(
+        coco.getAnnIds()) == meta['counts']['train']['objects'] >= 6 * 2
     seen_labels = set()
     for img_info in coco.loadImgs(coco.getImgIds()):
         name = osp.splitext(img_info['file_name'])[0]
         img = cv2.imread(str(tmp_path / 'images' / 'train' / img_info['file_name']))
-        seg = cv2.imread(str(tmp_path / 'seg_labels' / 'train' / (name + '.png')),
-                         cv2.IMREAD_UNCHANGED)
+        seg = cv2.imread(
+            str(tmp_path / 'seg_labels' / 'train' / (name + '.png')), cv2.IMREAD_UNCHANGED)
         assert img.shape == (256, 256, 3) and seg.shape == (256, 256) and seg.dtype == np.uint8
         assert seg.max() <= len(CLASSES)
         union = np.zeros_like(seg, dtype=bool)
@@ -162,16 +160,19 @@ def check_run(res, headline, tmp_path):
 def test_demo_detector_trains_evaluates_and_deploys(tiny_demo_data, tmp_path):
     demo = load_demo_tool()
     res = demo.run_task(
-        demo.DET_TASK, tiny_demo_data, str(tmp_path / 'det'),
+        demo.DET_TASK,
+        tiny_demo_data,
+        str(tmp_path / 'det'),
         cfg_options={
             'train_dataloader.batch_size': 4,
             'train_cfg.max_epochs': 6,  # 16 images / 4 = 4 iterations per epoch
-            'param_scheduler': [dict(type='LinearLR', start_factor=0.2, by_epoch=False,
-                                     begin=0, end=4)],
+            'param_scheduler':
+            [dict(type='LinearLR', start_factor=0.2, by_epoch=False, begin=0, end=4)],
             'default_hooks.logger.interval': 4,
             'default_hooks.checkpoint.interval': 6,
         },
-        timing_batches=1, timing_rounds=1)
+        timing_batches=1,
+        timing_rounds=1)
     check_run(res, 'coco/bbox_mAP', tmp_path)
     table = demo.format_table(res, 'tiny', threads=1)
     assert 'coco/bbox_mAP' in table and 'equal' in table and 'deploy.pth' in table
@@ -181,15 +182,18 @@ def test_demo_detector_trains_evaluates_and_deploys(tiny_demo_data, tmp_path):
 def test_demo_segmentor_trains_evaluates_and_deploys(tiny_demo_data, tmp_path):
     demo = load_demo_tool()
     res = demo.run_task(
-        demo.SEG_TASK, tiny_demo_data, str(tmp_path / 'seg'),
+        demo.SEG_TASK,
+        tiny_demo_data,
+        str(tmp_path / 'seg'),
         cfg_options={
             'train_dataloader.batch_size': 4,
             'train_cfg.max_iters': 24,
-            'param_scheduler': [dict(type='LinearLR', start_factor=0.2, by_epoch=False,
-                                     begin=0, end=4)],
+            'param_scheduler':
+            [dict(type='LinearLR', start_factor=0.2, by_epoch=False, begin=0, end=4)],
             'default_hooks.logger.interval': 4,
             'default_hooks.checkpoint.interval': 24,
         },
-        timing_batches=1, timing_rounds=1)
+        timing_batches=1,
+        timing_rounds=1)
     check_run(res, 'mIoU', tmp_path)
     assert 0 <= res.before['mIoU'] <= 100

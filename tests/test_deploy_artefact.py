@@ -71,15 +71,17 @@ def dbb_names(model):
     return sorted(n for n, m in model.named_modules() if isinstance(m, DBBConv2d))
 
 
-@pytest.mark.parametrize('scope,cfg', [
-    # The brief's case: mmdet ResNet-18, DBB in every block's conv1 and conv2.
-    ('mmdet', dict(type='ResNet', depth=18, base_channels=8, norm_eval=False)),
-    # Bottlenecks (DBB in conv2) and mmseg's deep stem: stem.0 -> stem.1, stem.3 -> stem.4, ...
-    ('mmseg', dict(type='ResNetV1c', depth=50, stem_channels=8, base_channels=8,
-                   norm_eval=False)),
-    # mmpretrain's ResNet, avg_down shortcut (downsample = AvgPool, conv 1x1, BN).
-    ('mmpretrain', dict(type='ResNetV1d', depth=18, stem_channels=8, base_channels=8)),
-])
+@pytest.mark.parametrize(
+    'scope,cfg',
+    [
+        # The brief's case: mmdet ResNet-18, DBB in every block's conv1 and conv2.
+        ('mmdet', dict(type='ResNet', depth=18, base_channels=8, norm_eval=False)),
+        # Bottlenecks (DBB in conv2) and mmseg's deep stem: stem.0 -> stem.1, stem.3 -> stem.4, ...
+        ('mmseg', dict(
+            type='ResNetV1c', depth=50, stem_channels=8, base_channels=8, norm_eval=False)),
+        # mmpretrain's ResNet, avg_down shortcut (downsample = AvgPool, conv 1x1, BN).
+        ('mmpretrain', dict(type='ResNetV1d', depth=18, stem_channels=8, base_channels=8)),
+    ])
 def test_dbb_resnet_deploys_strictly_into_the_stock_resnet(scope, cfg):
     model = train_one_step(build(scope, dict(cfg, conv_cfg=DBB)))
     stock = build(scope, cfg)
@@ -100,8 +102,14 @@ def test_conv_module_conv_then_norm_folds():
     torch.manual_seed(0)
     make = lambda conv_cfg: nn.Sequential(  # noqa: E731
         ConvModule(3, 8, 3, padding=1, conv_cfg=conv_cfg, norm_cfg=dict(type='BN')),
-        ConvModule(8, 4, 3, padding=1, conv_cfg=conv_cfg, norm_cfg=dict(type='BN'),
-                   order=('conv', 'norm', 'act')))
+        ConvModule(
+            8,
+            4,
+            3,
+            padding=1,
+            conv_cfg=conv_cfg,
+            norm_cfg=dict(type='BN'),
+            order=('conv', 'norm', 'act')))
     model = train_one_step(make(DBB))
     stock = make(None)
     assert deploy_float64(model, stock) == ['0.conv', '1.conv']
@@ -115,15 +123,23 @@ def test_a_bias_with_no_bn_right_after_is_refused_in_one_sentence(case):
     """GN cannot absorb a per-channel shift; a ConvModule ordered norm -> conv has no BN after
     its conv. Nothing is changed when refusing."""
     if case == 'group_norm':
-        cfg = dict(type='ResNet', depth=18, base_channels=8,
-                   norm_cfg=dict(type='GN', num_groups=2))
+        cfg = dict(type='ResNet', depth=18, base_channels=8, norm_cfg=dict(type='GN', num_groups=2))
         model, stock = build('mmdet', dict(cfg, conv_cfg=DBB)), build('mmdet', cfg)
         name = 'layer1.0.conv1'
     else:
         from mmcv.cnn import ConvModule
-        make = lambda conv_cfg: nn.Sequential(ConvModule(  # noqa: E731
-            8, 8, 3, padding=1, conv_cfg=conv_cfg, norm_cfg=dict(type='BN'),
-            order=('norm', 'conv', 'act')))
+
+        def make(conv_cfg):
+            return nn.Sequential(
+                ConvModule(
+                    8,
+                    8,
+                    3,
+                    padding=1,
+                    conv_cfg=conv_cfg,
+                    norm_cfg=dict(type='BN'),
+                    order=('norm', 'conv', 'act')))
+
         model, stock = make(DBB), make(None)
         name = '0.conv'
     model.eval()  # mmdet's ResNet.train() returns None: never chain it

@@ -57,8 +57,9 @@ def tiny_data(tmp_path_factory):
 
 def write_config(tmp_path, data, epochs=1, extra=''):
     path = tmp_path / 'cfg.py'
-    path.write_text(TEST_CONFIG.format(base=DEMO_CONFIG, data=data, epochs=epochs,
-                                       dump=str(tmp_path / 'dump'), extra=extra))
+    path.write_text(
+        TEST_CONFIG.format(
+            base=DEMO_CONFIG, data=data, epochs=epochs, dump=str(tmp_path / 'dump'), extra=extra))
     return str(path)
 
 
@@ -70,13 +71,16 @@ def train(config, work_dir, *args, nproc=1, timeout=600):
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, 'tools', 'train.py')]
     else:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-               f'--nproc_per_node={nproc}', os.path.join(ROOT, 'tools', 'train.py')]
+        cmd = [
+            sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            f'--nproc_per_node={nproc}',
+            os.path.join(ROOT, 'tools', 'train.py')
+        ]
     cmd += [config, '--work-dir', str(work_dir), *args]
     if nproc > 1:
         cmd += ['--launcher', 'pytorch']
-    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -93,8 +97,7 @@ def losses(work_dir):
 
 
 def rank_states(tmp_path, n):
-    return [torch.load(tmp_path / 'dump' / f'rank{r}.pth', weights_only=True)
-            for r in range(n)]
+    return [torch.load(tmp_path / 'dump' / f'rank{r}.pth', weights_only=True) for r in range(n)]
 
 
 def test_ddp_two_processes_keep_every_parameter_identical(tmp_path, tiny_data):
@@ -112,24 +115,27 @@ def test_ddp_two_processes_keep_every_parameter_identical(tmp_path, tiny_data):
 
 
 def test_syncbn_two_processes_sync_statistics_and_reparameterize_on_cpu(tmp_path, tiny_data):
-    config = write_config(tmp_path, tiny_data,
-                          extra="norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
-                                "model = dict(backbone=dict(norm_cfg=norm_cfg))")
+    config = write_config(
+        tmp_path,
+        tiny_data,
+        extra="norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
+        "model = dict(backbone=dict(norm_cfg=norm_cfg))")
     train(config, tmp_path / 'work', nproc=2)
     r0, r1 = rank_states(tmp_path, 2)
     assert 'CPUSyncBatchNorm' in r0['norms']
     # Parameters everywhere, and the BN statistics of the SyncBN backbone (other norm layers of
     # the demo model keep per-rank statistics, as plain BN does under DDP).
-    synced = list(r0['params'].items()) + [(n, b) for n, b in r0['buffers'].items()
-                                            if n.startswith('backbone.')]
+    synced = list(r0['params'].items()) + [
+        (n, b) for n, b in r0['buffers'].items() if n.startswith('backbone.')
+    ]
     assert any('running_mean' in n for n, _ in synced)
     for name, value in synced:
         other = r1['params'].get(name, r1['buffers'].get(name))
         assert torch.allclose(value.float(), other.float(), rtol=1e-5, atol=1e-6), name
     from orepa_mm.apis import reparameterize_checkpoint
     checkpoint = sorted(glob.glob(str(tmp_path / 'work' / 'epoch_*.pth')))[-1]
-    result = reparameterize_checkpoint(config, checkpoint, str(tmp_path / 'deploy'),
-                                       device='cpu', input_size=(128, 128))
+    result = reparameterize_checkpoint(
+        config, checkpoint, str(tmp_path / 'deploy'), device='cpu', input_size=(128, 128))
     assert os.path.isfile(result.deploy_checkpoint) and result.num_reparameterized > 0
     assert result.errors and all(e.passes(result.rtol) for e in result.errors)
 
@@ -137,17 +143,22 @@ def test_syncbn_two_processes_sync_statistics_and_reparameterize_on_cpu(tmp_path
 def test_syncbn_with_amp_two_processes_trains_and_keeps_float32_statistics(tmp_path, tiny_data):
     """--amp with SyncBN on CPUs (bf16 activations into CPUSyncBatchNorm): trains, finite
     losses, ranks agree, the backbone's BN statistics stay float32."""
-    config = write_config(tmp_path, tiny_data,
-                          extra="norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
-                                "model = dict(backbone=dict(norm_cfg=norm_cfg))")
+    config = write_config(
+        tmp_path,
+        tiny_data,
+        extra="norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
+        "model = dict(backbone=dict(norm_cfg=norm_cfg))")
     result = train(config, tmp_path / 'work', '--amp', nproc=2)
     assert 'BF16OptimWrapper' in result.stdout + result.stderr
     values = losses(tmp_path / 'work')
     assert values and all(v == v and abs(v) < 1e4 for v in values.values())
     r0, r1 = rank_states(tmp_path, 2)
     assert 'CPUSyncBatchNorm' in r0['norms']
-    stats = {n: b for n, b in r0['buffers'].items()
-             if n.startswith('backbone.') and n.endswith(('running_mean', 'running_var'))}
+    stats = {
+        n: b
+        for n, b in r0['buffers'].items()
+        if n.startswith('backbone.') and n.endswith(('running_mean', 'running_var'))
+    }
     assert stats and all(b.dtype == torch.float32 for b in stats.values())
     for name, value in stats.items():
         assert torch.allclose(value, r1['buffers'][name], rtol=1e-5, atol=1e-6), name
@@ -168,10 +179,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_data):
     assert sorted(reference) == list(range(1, 13))
 
     interrupted = tmp_path / 'interrupted'
-    cmd = [sys.executable, os.path.join(ROOT, 'tools', 'train.py'), config, '--work-dir',
-           str(interrupted)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, 'tools', 'train.py'), config, '--work-dir',
+        str(interrupted)
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (interrupted / 'last_checkpoint').exists() and time.time() < deadline:
         time.sleep(0.1)
@@ -191,25 +205,29 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_data):
 
 def _syncbn_worker(rank, world, init_file, x, result_file):
     import torch.distributed as dist
+
     from orepa_mm.engine import CPUSyncBatchNorm
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     torch.manual_seed(0)
     bn = torch.nn.SyncBatchNorm(3, momentum=0.3)
     bn.__class__ = CPUSyncBatchNorm
     part = x.chunk(world)[rank].clone().requires_grad_(True)
     out = bn(part)
     (out * torch.arange(out.numel()).view_as(out)).sum().backward()
-    torch.save(dict(out=out.detach(), grad=part.grad, weight_grad=bn.weight.grad,
-                    mean=bn.running_mean, var=bn.running_var), f'{result_file}{rank}')
+    torch.save(
+        dict(
+            out=out.detach(),
+            grad=part.grad,
+            weight_grad=bn.weight.grad,
+            mean=bn.running_mean,
+            var=bn.running_var), f'{result_file}{rank}')
     dist.destroy_process_group()
 
 
 def test_cpu_syncbn_equals_batchnorm_on_the_whole_batch(tmp_path):
     """Two ranks with half the batch each == one BatchNorm on the whole batch."""
     x = torch.randn(4, 3, 5, 5) * 2 + 1
-    mp.spawn(_syncbn_worker, args=(2, str(tmp_path / 'init'), x, str(tmp_path / 'r')),
-             nprocs=2)
+    mp.spawn(_syncbn_worker, args=(2, str(tmp_path / 'init'), x, str(tmp_path / 'r')), nprocs=2)
     parts = [torch.load(tmp_path / f'r{r}', weights_only=True) for r in range(2)]
     bn = torch.nn.BatchNorm2d(3, momentum=0.3)
     whole = x.clone().requires_grad_(True)
@@ -219,8 +237,8 @@ def test_cpu_syncbn_equals_batchnorm_on_the_whole_batch(tmp_path):
     (out * weights).sum().backward()
     assert torch.allclose(torch.cat([p['out'] for p in parts]), out, atol=1e-5)
     assert torch.allclose(torch.cat([p['grad'] for p in parts]), whole.grad, atol=1e-4)
-    assert torch.allclose(parts[0]['weight_grad'] + parts[1]['weight_grad'], bn.weight.grad,
-                          atol=1e-3)
+    assert torch.allclose(
+        parts[0]['weight_grad'] + parts[1]['weight_grad'], bn.weight.grad, atol=1e-3)
     for p in parts:
         assert torch.allclose(p['mean'], bn.running_mean, atol=1e-6)
         assert torch.allclose(p['var'], bn.running_var, atol=1e-5)
@@ -228,9 +246,9 @@ def test_cpu_syncbn_equals_batchnorm_on_the_whole_batch(tmp_path):
 
 def _syncbn_bf16_worker(rank, world, init_file, x, result_file):
     import torch.distributed as dist
+
     from orepa_mm.engine import CPUSyncBatchNorm
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     bn = torch.nn.SyncBatchNorm(3, momentum=0.3)
     bn.__class__ = CPUSyncBatchNorm
     with torch.no_grad():
@@ -241,9 +259,14 @@ def _syncbn_bf16_worker(rank, world, init_file, x, result_file):
     with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
         out = bn(part)
     (out.float() * torch.arange(out.numel()).view_as(out)).sum().backward()
-    torch.save(dict(out=out.detach(), grad=part.grad, weight_grad=bn.weight.grad,
-                    bias_grad=bn.bias.grad, mean=bn.running_mean, var=bn.running_var),
-               f'{result_file}{rank}')
+    torch.save(
+        dict(
+            out=out.detach(),
+            grad=part.grad,
+            weight_grad=bn.weight.grad,
+            bias_grad=bn.bias.grad,
+            mean=bn.running_mean,
+            var=bn.running_var), f'{result_file}{rank}')
     dist.destroy_process_group()
 
 
@@ -253,8 +276,8 @@ def test_cpu_syncbn_under_bf16_autocast_equals_batchnorm_on_the_whole_batch(tmp_
     (bf16-rounded) batch, within bf16 rounding; the running statistics stay float32 and equal
     the float32 ones. A large mean (+40) makes bf16 sums visibly wrong."""
     x = torch.randn(4, 3, 6, 6) * 2 + 40
-    mp.spawn(_syncbn_bf16_worker, args=(2, str(tmp_path / 'init'), x, str(tmp_path / 'r')),
-             nprocs=2)
+    mp.spawn(
+        _syncbn_bf16_worker, args=(2, str(tmp_path / 'init'), x, str(tmp_path / 'r')), nprocs=2)
     parts = [torch.load(tmp_path / f'r{r}', weights_only=True) for r in range(2)]
     bn = torch.nn.BatchNorm2d(3, momentum=0.3)
     with torch.no_grad():
@@ -267,10 +290,10 @@ def test_cpu_syncbn_under_bf16_autocast_equals_batchnorm_on_the_whole_batch(tmp_
 
     got = torch.cat([p['out'] for p in parts])
     assert got.dtype == torch.bfloat16
-    assert (got.float() - out).abs().max() <= 2 ** -7 * out.abs().max()  # bf16 rounding
+    assert (got.float() - out).abs().max() <= 2**-7 * out.abs().max()  # bf16 rounding
     grad = torch.cat([p['grad'] for p in parts])
     assert grad.dtype == torch.bfloat16
-    assert (grad.float() - whole.grad).abs().max() <= 2 ** -6 * whole.grad.abs().max()
+    assert (grad.float() - whole.grad).abs().max() <= 2**-6 * whole.grad.abs().max()
     for key, ref in (('weight_grad', bn.weight.grad), ('bias_grad', bn.bias.grad)):
         total = parts[0][key] + parts[1][key]
         assert total.dtype == torch.float32
@@ -282,11 +305,12 @@ def test_cpu_syncbn_under_bf16_autocast_equals_batchnorm_on_the_whole_batch(tmp_
 
 
 def test_amp_bf16_wrapper_autocasts_the_feature_extractor_only():
-    from orepa_mm.engine import BF16OptimWrapper
     from orepa_mm.cnn import OREPAConv2d
+    from orepa_mm.engine import BF16OptimWrapper
     seen = {}
 
     class Toy(torch.nn.Module):
+
         def __init__(self):
             super().__init__()
             self.backbone = torch.nn.Sequential(OREPAConv2d(3, 4, 3), torch.nn.ReLU())

@@ -149,8 +149,11 @@ def _capture_parser():
 
 
 def _options_of(parser):
-    return {option for action in parser._actions if action.help != argparse.SUPPRESS
-            for option in action.option_strings}
+    return {
+        option
+        for action in parser._actions if action.help != argparse.SUPPRESS
+        for option in action.option_strings
+    }
 
 
 def _options_from_function(path):
@@ -162,8 +165,10 @@ def _options_from_function(path):
     from ``--help``.
     """
     source = path.read_text()
-    names = [n for n in ('build_parser', 'parse_args', 'main')
-             if re.search(rf'^def {n}\(', source, re.M)]
+    names = [
+        n for n in ('build_parser', 'parse_args', 'main')
+        if re.search(rf'^def {n}\(', source, re.M)
+    ]
     if not names:
         return None
     spec = importlib.util.spec_from_file_location(f'_docs_tool_{path.stem}', path)
@@ -183,8 +188,11 @@ def _options_from_function(path):
 
 
 def _help_process(path):
-    return subprocess.Popen([sys.executable, str(path), '--help'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen([sys.executable, str(path), '--help'],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            text=True,
+                            cwd=ROOT)
 
 
 def _options_from_help(path, process=None):
@@ -246,8 +254,9 @@ def _check_python_tool(tokens, where):
 
 def _check_make(tokens, where):
     targets = [t for t in tokens[1:] if not t.startswith('-') and '=' not in t]
-    return [f'{where}: Makefile has no target {t!r}' for t in targets
-            if t not in makefile_targets()]
+    return [
+        f'{where}: Makefile has no target {t!r}' for t in targets if t not in makefile_targets()
+    ]
 
 
 def check_command(line, where):
@@ -349,19 +358,19 @@ def test_readme_is_short():
 FIXTURE_CASES = {
     'unknown flag': ('```bash\npython tools/reparameterize.py CFG CKPT --out D --no-such-flag\n```',
                      ['reparameterize.py has no option --no-such-flag']),
-    'unknown flag, continued line': (
-        '```sh\npython tools/reparameterize.py CFG CKPT \\\n    --out D --bogus\n```',
-        ['has no option --bogus']),
-    'missing tool': ('```bash\npython tools/no_such_tool.py --x\n```',
-                     ['tools/no_such_tool.py does not exist']),
+    'unknown flag, continued line':
+    ('```sh\npython tools/reparameterize.py CFG CKPT \\\n    --out D --bogus\n```',
+     ['has no option --bogus']),
+    'missing tool':
+    ('```bash\npython tools/no_such_tool.py --x\n```', ['tools/no_such_tool.py does not exist']),
     'missing script': ('```shell\nbash tools/no_such.sh\n```', ['tools/no_such.sh does not exist']),
-    'missing make target': ('```bash\nmake test && make no-such-target\n```',
-                            ["no target 'no-such-target'"]),
+    'missing make target':
+    ('```bash\nmake test && make no-such-target\n```', ["no target 'no-such-target'"]),
     'missing config': ('```bash\npython tools/reparameterize.py configs/no.py K --out D\n```',
                        ['configs/no.py does not exist']),
     'broken link': ('See [the page](docs/no_such_page.md#part).', ['link docs/no_such_page.md']),
-    'illustrative line': ('```bash\npython tools/reparameterize.py C K --bad  # illustrative\n```',
-                          []),
+    'illustrative line':
+    ('```bash\npython tools/reparameterize.py C K --bad  # illustrative\n```', []),
     'illustrative block': ('```bash illustrative\npython tools/reparameterize.py C K --bogus\n```',
                            []),
     'after cd': ('```bash\ncd mmdeploy\npython tools/deploy.py configs/mmdet/x.py --bogus\n```',

@@ -35,13 +35,13 @@ def _fused_op_cases():
     o, i, x, nb, e, t = 5, 4, 9, 3, 2, 6
     r = torch.randn
     return [
-        ('assemble', (r(o, i, x), r(o), r(nb, o, i), r(nb, o, x), r(nb, o), r(o, x, i),
-                      r(o, i, e), r(i, e, x), r(o))),
+        ('assemble', (r(o, i, x), r(o), r(nb, o, i), r(nb, o, x), r(nb, o), r(o, x, i), r(o, i, e),
+                      r(i, e, x), r(o))),
         ('assemble', (r(o, i, 25), r(o), None, None, None, None, None, None, None)),
         ('branch_backward', (r(o, i, x), r(o, i, x), r(o), r(nb, o, i), r(nb, o, x), r(nb, o),
                              r(o, i, e), r(i, e, x), r(o), True)),
-        ('branch_backward', (r(o, i, x), r(o, i, x), r(o), None, None, None, None, None, None,
-                             False)),
+        ('branch_backward', (r(o, i, x), r(o, i,
+                                           x), r(o), None, None, None, None, None, None, False)),
         ('taps_first_scaled', (r(o, t, x), r(o))),
         ('t_major_scaled', (r(o, t, x), r(o))),
         ('compose_backward', (r(o, x, t), r(o, t, x), r(o))),
@@ -90,8 +90,7 @@ def test_float32_kernel_and_gradients_match_float64(layer_fn):
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p))
-    grad = torch.randn(layer.out_channels, layer.in_channels // layer.groups,
-                       *layer.kernel_size)
+    grad = torch.randn(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
     names = [n for n, _ in layer.named_parameters()]
     kernel32 = layer.generate_kernel()
     grads32 = torch.autograd.grad(kernel32, list(layer.parameters()), grad)
@@ -108,7 +107,6 @@ def test_second_derivatives_are_refused(layer_fn):
     """The analytic backward is not differentiable: say so instead of a wrong result."""
     layer = layer_fn()
     kernel = layer.generate_kernel()
-    grads = torch.autograd.grad(kernel.square().sum(), list(layer.parameters()),
-                                create_graph=True)
+    grads = torch.autograd.grad(kernel.square().sum(), list(layer.parameters()), create_graph=True)
     with pytest.raises(RuntimeError, match='once_differentiable'):
         grads[0].sum().backward()

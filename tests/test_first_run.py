@@ -21,8 +21,10 @@ import torch
 from mmengine.config import Config
 
 from orepa_mm.utils.atomic_write import check_writable_dir
+from orepa_mm.utils.checkpoint_check import (MissingCheckpointError, check_checkpoint_paths,
+                                             check_load_from, check_pretrained_checkpoints,
+                                             describe_checkpoint, iter_pretrained_checkpoints)
 from orepa_mm.utils.errors import OrepaInputError
-from orepa_mm.utils.checkpoint_check import (MissingCheckpointError, check_checkpoint_paths, check_load_from, check_pretrained_checkpoints, describe_checkpoint, iter_pretrained_checkpoints)
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = 'checkpoints/orepa_resnet50_official.pth'
@@ -43,27 +45,33 @@ def official_message(cwd, stock):
 
 
 def backbone(type_='OREPAResNet', checkpoint=OFFICIAL, **kwargs):
-    return dict(type=type_, depth=50, **kwargs,
-                init_cfg=dict(type='Pretrained', checkpoint=checkpoint))
+    return dict(
+        type=type_, depth=50, **kwargs, init_cfg=dict(type='Pretrained', checkpoint=checkpoint))
 
 
 # ------------------------------------------------------------ checks, directly
 def test_pretrained_checkpoints_are_found_anywhere_in_the_model():
     model = dict(
-        type='EncoderDecoder', pretrained='a.pth',
+        type='EncoderDecoder',
+        pretrained='a.pth',
         backbone=backbone(checkpoint='b.pth'),
-        neck=[dict(type='FPN', init_cfg=[dict(type='Xavier'),
-                                         dict(type='Pretrained', checkpoint='~/c.pth')])],
+        neck=[
+            dict(
+                type='FPN',
+                init_cfg=[dict(type='Xavier'),
+                          dict(type='Pretrained', checkpoint='~/c.pth')])
+        ],
         head=dict(type='H', init_cfg=dict(type='Pretrained', checkpoint='torchvision://x')),
         init_cfg=dict(type='Pretrained', checkpoint='open-mmlab://resnet50_v1c'))
     found = [(key, path) for key, path, _ in iter_pretrained_checkpoints(model)]
-    assert found == [('model.pretrained', 'a.pth'),
-                     ('model.backbone.init_cfg.checkpoint', 'b.pth'),
+    assert found == [('model.pretrained', 'a.pth'), ('model.backbone.init_cfg.checkpoint', 'b.pth'),
                      ('model.neck.0.init_cfg.1.checkpoint', '~/c.pth')]
 
 
-@pytest.mark.parametrize('scheme', ['torchvision://resnet50', 'open-mmlab://resnet50_v1c',
-                                    'mmcls://x', 'https://x/y.pth', 's3://b/k.pth'])
+@pytest.mark.parametrize('scheme', [
+    'torchvision://resnet50', 'open-mmlab://resnet50_v1c', 'mmcls://x', 'https://x/y.pth',
+    's3://b/k.pth'
+])
 def test_remote_checkpoints_are_not_checked(scheme):
     check_pretrained_checkpoints(dict(model=dict(backbone=backbone(checkpoint=scheme))))
     check_load_from(dict(load_from=scheme), 'test')
@@ -90,8 +98,8 @@ def test_deep_stem_backbones_get_the_v1c_weights(tmp_path, monkeypatch):
 
 def test_other_backbones_get_the_ways_that_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    vgg = dict(type='OREPAVGG', arch='A0',
-               init_cfg=dict(type='Pretrained', checkpoint='ckpt/vgg.pth'))
+    vgg = dict(
+        type='OREPAVGG', arch='A0', init_cfg=dict(type='Pretrained', checkpoint='ckpt/vgg.pth'))
     with pytest.raises(MissingCheckpointError) as info:
         check_pretrained_checkpoints(dict(model=dict(backbone=vgg)))
     assert str(info.value).endswith(
@@ -109,8 +117,9 @@ def test_other_backbones_get_the_ways_that_exist(tmp_path, monkeypatch):
 
 def test_present_checkpoints_pass_and_directories_do_not(tmp_path):
     (tmp_path / 'w.pth').write_bytes(b'x')
-    cfg = dict(model=dict(backbone=backbone(checkpoint=str(tmp_path / 'w.pth'))),
-               load_from=str(tmp_path / 'w.pth'))
+    cfg = dict(
+        model=dict(backbone=backbone(checkpoint=str(tmp_path / 'w.pth'))),
+        load_from=str(tmp_path / 'w.pth'))
     check_checkpoint_paths(cfg, 'train')
     check_checkpoint_paths(cfg, 'test')
     with pytest.raises(MissingCheckpointError, match='is a directory, not a checkpoint file'):
@@ -120,12 +129,15 @@ def test_present_checkpoints_pass_and_directories_do_not(tmp_path):
 def test_load_from_sentence_per_source(tmp_path):
     missing = str(tmp_path / 'nope.pth')
     cases = {
-        'test': f'Checkpoint {missing} not found; pass tools/test.py a checkpoint written by '
-                'tools/train.py (for example work_dirs/<config name>/epoch_12.pth).',
-        'resume': f'Cannot resume: checkpoint {missing} not found; give --resume an existing '
-                  'checkpoint, or --resume alone to continue from the latest one in wd.',
-        'load_from': f'Checkpoint {missing} not found (load_from); point "--cfg-options '
-                     'load_from=..." at an existing checkpoint or set it to None.',
+        'test':
+        f'Checkpoint {missing} not found; pass tools/test.py a checkpoint written by '
+        'tools/train.py (for example work_dirs/<config name>/epoch_12.pth).',
+        'resume':
+        f'Cannot resume: checkpoint {missing} not found; give --resume an existing '
+        'checkpoint, or --resume alone to continue from the latest one in wd.',
+        'load_from':
+        f'Checkpoint {missing} not found (load_from); point "--cfg-options '
+        'load_from=..." at an existing checkpoint or set it to None.',
     }
     for source, sentence in cases.items():
         with pytest.raises(MissingCheckpointError) as info:
@@ -137,8 +149,9 @@ def test_load_from_sentence_per_source(tmp_path):
 def test_test_mode_does_not_need_pretrained_weights(tmp_path):
     """Testing never calls init_weights: only the CHECKPOINT argument must exist."""
     (tmp_path / 'epoch_1.pth').write_bytes(b'x')
-    cfg = dict(model=dict(backbone=backbone(checkpoint=str(tmp_path / 'none.pth'))),
-               load_from=str(tmp_path / 'epoch_1.pth'))
+    cfg = dict(
+        model=dict(backbone=backbone(checkpoint=str(tmp_path / 'none.pth'))),
+        load_from=str(tmp_path / 'epoch_1.pth'))
     check_checkpoint_paths(cfg, 'test')
     with pytest.raises(MissingCheckpointError, match='none.pth not found'):
         check_checkpoint_paths(cfg, 'train')
@@ -174,11 +187,15 @@ def runner_checkpoint(state_dict=None):
     hub = MessageHub.get_instance('first_run_runner_checkpoint')
     hub.update_scalar('train/loss', 0.5)
     if state_dict is None:
-        state_dict = {'backbone.layer1.0.conv2.origin': torch.zeros(2, 2, 3, 3),
-                      'backbone.layer1.0.conv2.branch_scales': torch.ones(6, 2)}
-    return dict(meta=dict(epoch=6, iter=300, mmengine_version='0.10.7'),
-                state_dict=state_dict, message_hub=hub.state_dict(),
-                optimizer=dict(state={}, param_groups=[dict(lr=0.1, params=[0, 1])]))
+        state_dict = {
+            'backbone.layer1.0.conv2.origin': torch.zeros(2, 2, 3, 3),
+            'backbone.layer1.0.conv2.branch_scales': torch.ones(6, 2)
+        }
+    return dict(
+        meta=dict(epoch=6, iter=300, mmengine_version='0.10.7'),
+        state_dict=state_dict,
+        message_hub=hub.state_dict(),
+        optimizer=dict(state={}, param_groups=[dict(lr=0.1, params=[0, 1])]))
 
 
 def test_describe_checkpoint_kinds():
@@ -194,8 +211,12 @@ def test_describe_checkpoint_kinds():
         'converted', 'an orepa_mm backbone checkpoint already converted from '
         'ResNet-50_OREPA.pth.tar')
     # The authors' checkpoints: their training script's keys, no meta.
-    authors = dict(epoch=120, arch='ResNet-50', best_acc1=77.3, optimizer={},
-                   state_dict={'module.stage0.rbr_dense.weight': torch.zeros(1)})
+    authors = dict(
+        epoch=120,
+        arch='ResNet-50',
+        best_acc1=77.3,
+        optimizer={},
+        state_dict={'module.stage0.rbr_dense.weight': torch.zeros(1)})
     assert describe_checkpoint(authors) is None
     assert describe_checkpoint(['not', 'a', 'dict']) is None
 
@@ -268,11 +289,16 @@ class Ran(NamedTuple):
 def run_subprocess(tool, *args, cwd):
     """Run tools/<tool>.py as a user does: a fresh process, the repository importable."""
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    env['PYTHONPATH'] = os.pathsep.join(
-        [str(REPO)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] +
+                                        ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     env.pop('PYTHONWARNINGS', None)
-    proc = subprocess.run([sys.executable, str(REPO / 'tools' / f'{tool}.py'), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / f'{tool}.py'), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300)
     return Ran(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -317,15 +343,16 @@ def test_train_shipped_config_without_the_official_checkpoint(run_tool, tmp_path
         (coco / 'annotations' / f'instances_{split}2017.json').write_text('{}')
         (coco / f'{split}2017').mkdir()
     ran = run_tool('train', REPO / 'configs' / 'faster_rcnn_orepa_r50.py', cwd=tmp_path)
-    assert one_sentence(ran, 2) == 'error: ' + official_message(
-        os.path.realpath(tmp_path), 'torchvision://resnet50')
+    assert one_sentence(
+        ran,
+        2) == 'error: ' + official_message(os.path.realpath(tmp_path), 'torchvision://resnet50')
     assert not (tmp_path / 'work_dirs').exists()  # stopped before the Runner
     assert ran.stdout == ''
 
 
 def test_train_resume_from_a_missing_checkpoint(run_tool, toy, tmp_path):
-    ran = run_tool('train', toy, '--resume', 'missing.pth', '--work-dir', tmp_path / 'wd',
-                   cwd=tmp_path)
+    ran = run_tool(
+        'train', toy, '--resume', 'missing.pth', '--work-dir', tmp_path / 'wd', cwd=tmp_path)
     assert one_sentence(ran, 2) == (
         f'error: Cannot resume: checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; '
         'give --resume an existing checkpoint, or --resume alone to continue from the latest '
@@ -335,12 +362,13 @@ def test_train_resume_from_a_missing_checkpoint(run_tool, toy, tmp_path):
 
 def test_test_with_a_missing_checkpoint(run_tool, tmp_path):
     """Issue 17.2, with a shipped config (whose mmdet:: base is what imports pkg_resources)."""
-    ran = run_tool('test', REPO / 'configs' / 'faster_rcnn_orepa_r50.py', 'missing.pth',
-                   cwd=tmp_path)
-    assert one_sentence(ran, 2) == (
-        f'error: Checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; pass '
-        'tools/test.py a checkpoint written by tools/train.py (for example '
-        'work_dirs/<config name>/epoch_12.pth).')
+    ran = run_tool(
+        'test', REPO / 'configs' / 'faster_rcnn_orepa_r50.py', 'missing.pth', cwd=tmp_path)
+    assert one_sentence(
+        ran,
+        2) == (f'error: Checkpoint missing.pth not found in {os.path.realpath(tmp_path)}; pass '
+               'tools/test.py a checkpoint written by tools/train.py (for example '
+               'work_dirs/<config name>/epoch_12.pth).')
     assert not (tmp_path / 'work_dirs').exists()
 
 
@@ -373,8 +401,8 @@ def test_converter_still_calls_a_truncated_file_corrupt(tmp_path, capsys):
     src = tmp_path / 'epoch_6.pth'
     torch.save(runner_checkpoint(), src)
     src.write_bytes(src.read_bytes()[:200])
-    main = runpy.run_path(str(REPO / 'tools' / 'convert_official_checkpoint.py'),
-                          run_name='_converter')['main']
+    main = runpy.run_path(
+        str(REPO / 'tools' / 'convert_official_checkpoint.py'), run_name='_converter')['main']
     capsys.readouterr()
     assert main([str(src), str(tmp_path / 'out.pth')]) == 2
     line = one_sentence(Ran(2, '', capsys.readouterr().err), 2)
@@ -388,10 +416,15 @@ def test_the_mm_stack_does_warn_without_the_filter(tmp_path):
     above, which load such a config and stay quiet, test the filter."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('PYTHONWARNINGS', None)
-    proc = subprocess.run(
-        [sys.executable, '-c', 'from mmengine.utils import get_installed_path; '
-         'get_installed_path("mmdet")'],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([
+        sys.executable, '-c', 'from mmengine.utils import get_installed_path; '
+        'get_installed_path("mmdet")'
+    ],
+                          cwd=tmp_path,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     if PKG_RESOURCES not in proc.stderr:
         pytest.skip('this setuptools does not warn about pkg_resources')
@@ -409,7 +442,11 @@ def test_the_filter_is_exactly_pkg_resources(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
     env.pop('PYTHONWARNINGS', None)
     proc = subprocess.run([sys.executable, '-W', 'always::DeprecationWarning', '-c', script],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert 'a real warning' in proc.stderr
     assert 'DeprecationWarning: pkg_resources' in proc.stderr  # another category: kept

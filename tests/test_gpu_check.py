@@ -18,7 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), OMP_NUM_THREADS='1')
     result = subprocess.run(['bash', str(ROOT / 'tools' / 'gpu_check.sh'), '--dry-run'],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=ROOT,
+                            env=env,
+                            capture_output=True,
+                            text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     for step in ('1/3 CUDA tests', '2/3 tools/reparameterize.py --device cpu',

@@ -30,8 +30,15 @@ def bare_python(tmp_path_factory):
 
 def _run(script, *args, **env):
     base = {'PATH': '/usr/bin:/bin', 'HOME': os.environ.get('HOME', '/tmp')}
-    return subprocess.run(['bash', str(ROOT / 'tools' / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, env={**base, **env})
+    return subprocess.run(['bash', str(ROOT / 'tools' / script), *args],
+                          cwd=ROOT,
+                          capture_output=True,
+                          text=True,
+                          timeout=60,
+                          env={
+                              **base,
+                              **env
+                          })
 
 
 @pytest.fixture
@@ -45,8 +52,14 @@ def kit(tmp_path):
 
 
 def _check_plan(bare_python, kit, tmp_path, **env):
-    result = _run('gpu_check.sh', '--plan', PY=bare_python, GPU_KIT=str(kit),
-                  OUT=str(tmp_path / 'out'), TMPDIR=str(tmp_path / 'tmp'), **env)
+    result = _run(
+        'gpu_check.sh',
+        '--plan',
+        PY=bare_python,
+        GPU_KIT=str(kit),
+        OUT=str(tmp_path / 'out'),
+        TMPDIR=str(tmp_path / 'tmp'),
+        **env)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'tmp').exists(), 'ran something'
     return result.stdout.splitlines()
@@ -54,8 +67,10 @@ def _check_plan(bare_python, kit, tmp_path, **env):
 
 def test_gpu_check_plan_installs_offline_and_builds_for_the_gpu_only(bare_python, kit, tmp_path):
     plan = _check_plan(bare_python, kit, tmp_path)
-    commands = [line[len('[plan] '):] for line in plan if line.startswith('[plan] /')
-                or line.startswith('[plan] env ')]
+    commands = [
+        line[len('[plan] '):] for line in plan
+        if line.startswith('[plan] /') or line.startswith('[plan] env ')
+    ]
     pip_calls = [c for c in commands if ' -m pip ' in c]
     assert len(pip_calls) == 3, plan
     for call in pip_calls:
@@ -99,13 +114,17 @@ def test_gpu_check_plan_uses_cxx20_from_torch_2_12(kit, tmp_path):
 def test_gpu_check_refuses_a_missing_kit_in_one_sentence(bare_python, tmp_path):
     for mode in (['--plan'], []):
         # Without --plan the bare python has no torch: the refusal comes first, about the GPU.
-        result = _run('gpu_check.sh', *mode, PY=bare_python, GPU_KIT=str(tmp_path / 'none'),
-                      OUT=str(tmp_path / 'out'))
+        result = _run(
+            'gpu_check.sh',
+            *mode,
+            PY=bare_python,
+            GPU_KIT=str(tmp_path / 'none'),
+            OUT=str(tmp_path / 'out'))
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith('gpu_check: ') and lines[0].endswith('.')
-    plan_refusal = _run('gpu_check.sh', '--plan', PY=bare_python,
-                        GPU_KIT=str(tmp_path / 'none')).stderr
+    plan_refusal = _run(
+        'gpu_check.sh', '--plan', PY=bare_python, GPU_KIT=str(tmp_path / 'none')).stderr
     assert f'{tmp_path / "none"} holds no GPU kit' in plan_refusal
     assert "run 'make gpu-kit'" in plan_refusal
     assert 'sees no CUDA device' in result.stderr
@@ -135,8 +154,9 @@ def test_gpu_kit_plan_downloads_cp312_wheels_and_the_mmcv_sdist(bare_python, tmp
         assert flag in wheels, flag
     assert ' numpy' not in wheels, "the machine's numpy 2.x is kept"
     assert '--no-binary :all: mmcv==2.1.0' in sdist
-    assert plan[-3:] == [f'[plan] rm -rf {kit}', f'[plan] mv {kit}.tmp {kit}',
-                         f'[plan] du -sb {kit}']
+    assert plan[-3:] == [
+        f'[plan] rm -rf {kit}', f'[plan] mv {kit}.tmp {kit}', f'[plan] du -sb {kit}'
+    ]
 
 
 def _wheel(kit, name, version, *needs):

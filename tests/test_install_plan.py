@@ -24,9 +24,16 @@ def cold_plan(tmp_path_factory):
     cache = base / 'cache'
     cache.mkdir()
     result = subprocess.run(
-        ['bash', str(ROOT / 'tools' / 'install_deps.sh'), '--plan', str(python)],
-        capture_output=True, text=True, timeout=120,
-        env={'PATH': '/usr/bin:/bin', 'HOME': str(base), 'OREPA_MM_CACHE': str(cache)})
+        ['bash', str(ROOT / 'tools' / 'install_deps.sh'), '--plan',
+         str(python)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            'PATH': '/usr/bin:/bin',
+            'HOME': str(base),
+            'OREPA_MM_CACHE': str(cache)
+        })
     assert result.returncode == 0, result.stderr
     assert not any(cache.iterdir()), 'the plan must not write to the wheel cache'
     return result.stdout.splitlines()
@@ -54,15 +61,17 @@ def test_constraints_cap_what_drifts():
 def test_no_pip_call_bypasses_run_pip():
     """By construction: pip appears in the script only inside run_pip."""
     script = (ROOT / 'tools' / 'install_deps.sh').read_text().splitlines()
-    calls = [line for line in script
-             if ' -m pip ' in line and not line.lstrip().startswith('#')]
+    calls = [line for line in script if ' -m pip ' in line and not line.lstrip().startswith('#')]
     assert len(calls) == 1 and '"$sub" -c "$CONSTRAINTS"' in calls[0], calls
 
 
 @pytest.mark.slow
 def test_env_report_is_one_line():
     result = subprocess.run([sys.executable, '-m', 'orepa_mm.utils.env_report'],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+                            capture_output=True,
+                            text=True,
+                            timeout=300,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1

@@ -34,8 +34,9 @@ def test_mmcv_fuse_conv_bn_keeps_a_dbb_layer_exact_and_deployable():
     """mmcv fused avg_bn into avg_1x1 across the pad and pool between them (13.5% off)."""
     from mmcv.cnn import ConvModule, fuse_conv_bn
     torch.manual_seed(0)
-    model = random_bn_statistics(nn.Sequential(
-        ConvModule(8, 8, 3, padding=1, conv_cfg=dict(type='DBB'), norm_cfg=dict(type='BN'))))
+    model = random_bn_statistics(
+        nn.Sequential(
+            ConvModule(8, 8, 3, padding=1, conv_cfg=dict(type='DBB'), norm_cfg=dict(type='BN'))))
     model.eval()
     x = torch.randn(1, 8, 10, 10)
     with torch.no_grad():
@@ -175,8 +176,7 @@ def test_repvgg_with_dbb_convs_is_refused_in_one_sentence(deploy):
     """RepVGG's fusion drops conv biases: deploying DBB layers through it was 0.3 off (or a
     circular 're-parameterize first' message)."""
     from mmpretrain.models.backbones import RepVGG
-    arch = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25] * 4, group_layer_map=None,
-                se_cfg=None)
+    arch = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25] * 4, group_layer_map=None, se_cfg=None)
     model = RepVGG(arch=arch, conv_cfg=dict(type='DBB'))
     with pytest.raises(TypeError, match='drops the bias') as err:
         if deploy == 'switch_to_deploy':

@@ -95,6 +95,7 @@ def test_frozen_stage_in_a_resnet_matches_fresh_generation():
 
 # -- writes --------------------------------------------------------------------------------
 def _write_cases():
+
     def assign(layer, w):
         layer.weight = w
 
@@ -115,8 +116,13 @@ def _write_cases():
         with torch.no_grad():
             layer.weight[...] = w
 
-    return dict(assign=assign, assign_parameter=assign_parameter, data_assign=data_assign,
-                data_copy=data_copy, copy_no_grad=copy_no_grad, setitem=setitem)
+    return dict(
+        assign=assign,
+        assign_parameter=assign_parameter,
+        data_assign=data_assign,
+        data_copy=data_copy,
+        copy_no_grad=copy_no_grad,
+        setitem=setitem)
 
 
 WRITES = _write_cases()
@@ -137,6 +143,7 @@ def test_weight_write_sets_the_kernel_exactly(name, write):
 
 @pytest.mark.parametrize('name', sorted(LAYERS))
 def test_nn_init_on_weight_initialises_the_kernel(name):
+    torch.manual_seed(0)  # the std check below is statistical: one fixed draw, in any order
     layer = randomise(LAYERS[name]())
     before = layer.generate_kernel().detach()
     weight = layer.weight
@@ -144,7 +151,7 @@ def test_nn_init_on_weight_initialises_the_kernel(name):
     kernel = layer.generate_kernel().detach()
     assert torch.equal(kernel, weight.detach()) and not torch.allclose(kernel, before)
     fan_out = kernel.shape[0] * kernel[0, 0].numel()
-    assert abs(float(kernel.std()) / (2 / fan_out) ** 0.5 - 1) < 0.25  # Kaiming's std
+    assert abs(float(kernel.std()) / (2 / fan_out)**0.5 - 1) < 0.25  # Kaiming's std
 
 
 def test_init_cfg_override_by_name_initialises_an_orepa_layer():
@@ -153,8 +160,8 @@ def test_init_cfg_override_by_name_initialises_an_orepa_layer():
     class Net(BaseModule):
 
         def __init__(self):
-            super().__init__(init_cfg=dict(type='Constant', val=0.5, bias=0.0,
-                                           override=dict(name='conv')))
+            super().__init__(
+                init_cfg=dict(type='Constant', val=0.5, bias=0.0, override=dict(name='conv')))
             self.conv = OREPAConv2d(3, 4, 3, bias=True)
 
     net = Net()
@@ -233,10 +240,12 @@ def test_mmpretrain_repvgg_with_orepa_convs_deploys_exactly(deploy, one_thread):
     into a layer built with the same conv_cfg; the write was lost (relative error 1.0)."""
     from mmpretrain.models.backbones import RepVGG
     torch.manual_seed(0)
-    arch = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25],
-                group_layer_map=None, se_cfg=None)
-    model = random_bn_statistics(RepVGG(arch=arch, conv_cfg=dict(type='OREPA'),
-                                         out_indices=(1, 3)))
+    arch = dict(
+        num_blocks=[1, 1, 1, 1],
+        width_factor=[0.25, 0.25, 0.25, 0.25],
+        group_layer_map=None,
+        se_cfg=None)
+    model = random_bn_statistics(RepVGG(arch=arch, conv_cfg=dict(type='OREPA'), out_indices=(1, 3)))
     model.eval()  # mm backbones' train() returns None: never chain it
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -76,8 +76,9 @@ def test_grouped_identity_and_average_kernel():
     assert eye.sum() == 8 and all(eye[t, t % 2] == 1 for t in range(8))
     avg = kernels.average_kernel(4, 3, groups=2)
     x = torch.randn(1, 4, 6, 6)
-    _close(F.conv2d(x, avg.to(x), padding=1, groups=2),
-           F.avg_pool2d(x, 3, 1, 1, count_include_pad=True))
+    _close(
+        F.conv2d(x, avg.to(x), padding=1, groups=2),
+        F.avg_pool2d(x, 3, 1, 1, count_include_pad=True))
 
 
 def test_fold_batch_norm_matches_eval_bn():

@@ -9,13 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from orepa_mm.cnn import (DBBConv2d, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d,
-                          build_orepa_conv)
+from orepa_mm.cnn import DBBConv2d, OREPAConv1x1, OREPAConv2d, OREPALargeConv2d, build_orepa_conv
 from orepa_mm.deploy import count_reparameterizable, reparameterize_model
 from tests.numerics import randomise, rel_err
 
-DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason='no CUDA device'))]
+DEVICES = [
+    'cpu',
+    pytest.param(
+        'cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device'))
+]
 
 
 # -- offline (feature-space) references ---------------------------------------------------------
@@ -35,8 +37,8 @@ def offline_kxk(layer: OREPAConv2d, x):
         y = F.conv2d(F.conv2d(x, layer.avg_1x1, groups=g), avg, groups=o, **conv)
         out = out + _scaled(y, layer.scale('avg'))
     if 'prior' in layer.branches:
-        y = F.conv2d(F.conv2d(x, layer.prior_1x1, groups=g), layer.prior.unsqueeze(1), groups=o,
-                     **conv)
+        y = F.conv2d(
+            F.conv2d(x, layer.prior_1x1, groups=g), layer.prior.unsqueeze(1), groups=o, **conv)
         out = out + _scaled(y, layer.scale('prior'))
     if '1x1_kxk' in layer.branches:
         first = (layer.expand_1x1_residual.flatten(1) + layer.expand_identity)[..., None, None]
@@ -112,7 +114,7 @@ def test_kxk_online_equals_offline(case, device):
     kwargs = {} if branches is None else dict(branches=branches)
     torch.manual_seed(0)
     layer = randomise(OREPAConv2d(i, o, k, stride=s, dilation=d, groups=g, bias=bias,
-                                   **kwargs)).to(device)
+                                  **kwargs)).to(device)
     x = torch.randn(2, i, 11, 11, device=device)
     _check_grads(layer, offline_kxk, x)
 
@@ -139,8 +141,7 @@ def test_factory_dispatch_and_published_init():
     assert isinstance(build_orepa_conv(3, 8, 7, stride=2, padding=3), OREPALargeConv2d)
     layer = OREPAConv2d(4, 8, 3)
     assert layer.branch_scales.shape == (6, 8)
-    assert torch.equal(layer.branch_scales[:, 0],
-                       torch.tensor([0.25, 0.25, 0.0, 0.5, 1.0, 0.5]))
+    assert torch.equal(layer.branch_scales[:, 0], torch.tensor([0.25, 0.25, 0.0, 0.5, 1.0, 0.5]))
     assert torch.count_nonzero(layer.expand_1x1_residual) == 0
     assert layer.dw_kxk.shape == (32, 1, 3, 3) and layer.pw_1x1.shape == (8, 32, 1, 1)
     vgg = OREPAConv2d(4, 8, 3, branches=('origin', 'avg', 'prior', '1x1_kxk', 'dws'))
@@ -235,14 +236,19 @@ def test_eval_kernel_follows_every_parameter_change():
 # -- mixed precision -----------------------------------------------------------------------------
 @pytest.mark.parametrize('device,dtype', [
     ('cpu', torch.bfloat16),
-    pytest.param('cuda', torch.float16, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason='no CUDA device')),
-    pytest.param('cuda', torch.bfloat16, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason='no CUDA device')),
+    pytest.param(
+        'cuda',
+        torch.float16,
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')),
+    pytest.param(
+        'cuda',
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')),
 ])
 @pytest.mark.parametrize('conv_fn', [
     lambda: OREPAConv2d(8, 8, 3), lambda: OREPAConv1x1(8, 16),
-    lambda: OREPALargeConv2d(8, 8, 7, padding=3)])
+    lambda: OREPALargeConv2d(8, 8, 7, padding=3)
+])
 def test_autocast_generates_kernel_in_fp32(conv_fn, device, dtype):
     torch.manual_seed(0)
     layer = conv_fn().to(device)

@@ -89,8 +89,7 @@ def build_model(model='resnet18', backbone=None, dbb=False, seed=0, **_):
 
 
 # -- two-process worker ------------------------------------------------------------------------
-def _train(model, wrapper, steps, accumulate, autocast, rank, dtype, size=64, batch=2,
-           lr=1e-3):
+def _train(model, wrapper, steps, accumulate, autocast, rank, dtype, size=64, batch=2, lr=1e-3):
     """SGD-momentum steps; rank-dependent data, the same for every wrapper."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
@@ -110,6 +109,7 @@ def _train(model, wrapper, steps, accumulate, autocast, rank, dtype, size=64, ba
 
 
 class _null:
+
     def __enter__(self):
         return self
 
@@ -118,14 +118,12 @@ class _null:
 
 
 def _relative_errors(ref, other):
-    return {n: ((ref[n] - other[n]).norm() / ref[n].norm().clamp_min(1e-30)).item()
-            for n in ref}
+    return {n: ((ref[n] - other[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref}
 
 
 def _scenario_worker(rank, world, init_file, names, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     from orepa_mm.engine import CPUDistributedDataParallel, OREPADistributedDataParallel
     results = {}
     for name in names:
@@ -133,14 +131,15 @@ def _scenario_worker(rank, world, init_file, names, out_dir):
         dtype = getattr(torch, options.get('dtype', 'float32'))
         params = {}
         info = {}
-        for kind, cls in (('stock', CPUDistributedDataParallel),
-                          ('orepa', OREPADistributedDataParallel)):
+        for kind, cls in (('stock', CPUDistributedDataParallel), ('orepa',
+                                                                  OREPADistributedDataParallel)):
             model = build_model(**options).to(dtype)
             wrapper = cls(model)
             if kind == 'orepa':
                 info['kernel_layers'] = len(wrapper.kernel_layer_names)
-                info['norms'] = sorted({type(m).__name__ for m in model.modules()
-                                        if 'Norm' in type(m).__name__})
+                info['norms'] = sorted(
+                    {type(m).__name__
+                     for m in model.modules() if 'Norm' in type(m).__name__})
             _train(model, wrapper, options.get('steps', 3), options.get('accumulate', 1),
                    options.get('autocast', False), rank, dtype)
             params[kind] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -155,13 +154,14 @@ def _scenario_worker(rank, world, init_file, names, out_dir):
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         moved = max((params['orepa'][n] - p0).abs().max().item()
                     for n, p0 in build_model(**options).to(dtype).named_parameters())
-        results[name] = dict(rel_err=((got - ref).norm() / ref.norm()).item(),
-                             worst_tensor=max(errors, key=errors.get),
-                             worst_tensor_rel_err=max(errors.values()),
-                             replicas_identical=bool(same.item()),
-                             finite=all(torch.isfinite(p).all().item()
-                                        for p in params['orepa'].values()),
-                             moved=moved, **info)
+        results[name] = dict(
+            rel_err=((got - ref).norm() / ref.norm()).item(),
+            worst_tensor=max(errors, key=errors.get),
+            worst_tensor_rel_err=max(errors.values()),
+            replicas_identical=bool(same.item()),
+            finite=all(torch.isfinite(p).all().item() for p in params['orepa'].values()),
+            moved=moved,
+            **info)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, 'results.pth'))
     dist.destroy_process_group()
@@ -170,8 +170,7 @@ def _scenario_worker(rank, world, init_file, names, out_dir):
 @pytest.fixture(scope='module')
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp('orepa_ddp')
-    mp.spawn(_scenario_worker, args=(2, str(out / 'init'), list(SCENARIOS), str(out)),
-             nprocs=2)
+    mp.spawn(_scenario_worker, args=(2, str(out / 'init'), list(SCENARIOS), str(out)), nprocs=2)
     return torch.load(out / 'results.pth', weights_only=True)
 
 
@@ -260,8 +259,14 @@ ACCUMULATION_SCENARIOS = {
 ACCUMULATION_RTOL = 1e-6
 
 
-def _accumulate(model, wrapper, rank, terms=None, freeze_after=None, reset_after=None,
-                cycles=2, micro_steps=3):
+def _accumulate(model,
+                wrapper,
+                rank,
+                terms=None,
+                freeze_after=None,
+                reset_after=None,
+                cycles=2,
+                micro_steps=3):
     """``cycles`` SGD-momentum steps of ``micro_steps`` micro-steps (all but the last under
     ``no_sync``, unless ``wrapper`` is the bare model); the gradients after each synchronised
     backward."""
@@ -280,15 +285,13 @@ def _accumulate(model, wrapper, rank, terms=None, freeze_after=None, reset_after
                 if terms == 'l2':
                     loss = loss + 1e-2 * sum(p.pow(2).sum() for p in model.parameters())
                 elif terms == 'weight':
-                    loss = loss + 1e-2 * sum(m.weight.pow(2).sum()
-                                             for m in model.reparam_layers())
+                    loss = loss + 1e-2 * sum(m.weight.pow(2).sum() for m in model.reparam_layers())
                 loss.backward()
             if micro == freeze_after:
                 model.conv.requires_grad_(False)
             if micro == reset_after:
                 optimizer.zero_grad()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
-                      if p.grad is not None})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         optimizer.step()
     return grads
 
@@ -310,16 +313,15 @@ def _compare_grads(reference, grads):
 
 def _accumulation_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     from orepa_mm.engine import CPUDistributedDataParallel, OREPADistributedDataParallel
     results = {}
     for name, options in ACCUMULATION_SCENARIOS.items():
         # a parameter used only in no_sync steps needs find_unused_parameters in DDP
         kwargs = dict(find_unused_parameters='freeze_after' in options)
         grads, params = {}, {}
-        for kind, cls in (('stock', CPUDistributedDataParallel),
-                          ('orepa', OREPADistributedDataParallel)):
+        for kind, cls in (('stock', CPUDistributedDataParallel), ('orepa',
+                                                                  OREPADistributedDataParallel)):
             model = TinyNet()
             grads[kind] = _accumulate(model, cls(model, **kwargs), rank, **options)
             params[kind] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -327,8 +329,8 @@ def _accumulation_worker(rank, world, init_file, out_dir):
         dist.broadcast(reference, 0)
         same = torch.tensor([float(torch.equal(params['orepa'], reference))])
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        results[name] = dict(_compare_grads(grads['stock'], grads['orepa']),
-                             replicas_identical=bool(same.item()))
+        results[name] = dict(
+            _compare_grads(grads['stock'], grads['orepa']), replicas_identical=bool(same.item()))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, 'accumulation.pth'))
     dist.destroy_process_group()
@@ -410,6 +412,7 @@ def test_kernel_source_is_the_only_hook_and_the_module_keeps_no_state(one_rank_g
     """The layers keep their class forward and kernel; the wrapper class is not rewritten; the
     module holds no mutable state; copies and DataParallel replicas are not owned."""
     import weakref
+
     from orepa_mm.engine import orepa_ddp
     forward = orepa_ddp.OREPADistributedDataParallel.__dict__['forward']
     model = TinyNet()
@@ -420,8 +423,10 @@ def test_kernel_source_is_the_only_hook_and_the_module_keeps_no_state(one_rank_g
         assert 'forward' not in vars(layer) and 'kernel' not in vars(layer)
         assert layer.kernel_source() is reducer
     containers = (dict, list, set, weakref.WeakKeyDictionary, weakref.WeakValueDictionary)
-    state = [name for name, value in vars(orepa_ddp).items()
-             if not name.startswith('__') and isinstance(value, containers)]
+    state = [
+        name for name, value in vars(orepa_ddp).items()
+        if not name.startswith('__') and isinstance(value, containers)
+    ]
     assert not state, state
     out = wrapper(torch.randn(2, 3, 12, 12))  # a round is open until the backward
     replica = model.conv._replicate_for_data_parallel()  # shares the weak kernel_source
@@ -445,8 +450,7 @@ def test_deleted_wrappers_free_their_reducers_process_groups_and_layers(one_rank
         with wrapper.no_sync():  # holds a kernel gradient, with hooks on the branches
             wrapper(torch.randn(2, 3, 12, 12)).sum().backward()
         reducer = wrapper._kernel_reducer
-        refs.append((weakref.ref(reducer), weakref.ref(reducer.group),
-                     weakref.ref(model.conv)))
+        refs.append((weakref.ref(reducer), weakref.ref(reducer.group), weakref.ref(model.conv)))
         if keep:
             kept.append(model)
         del model, wrapper, reducer
@@ -467,6 +471,7 @@ def test_deleted_wrappers_free_their_reducers_process_groups_and_layers(one_rank
 def test_registered_as_a_model_wrapper():
     from mmengine.model import MMDistributedDataParallel
     from mmengine.registry import MODEL_WRAPPERS
+
     from orepa_mm.engine import CPUDistributedDataParallel, OREPADistributedDataParallel
     assert MODEL_WRAPPERS.get('OREPADistributedDataParallel') is OREPADistributedDataParallel
     assert issubclass(OREPADistributedDataParallel, CPUDistributedDataParallel)
@@ -541,8 +546,10 @@ def test_frozen_stages_make_no_proxy_and_get_no_gradient(one_rank_group):
     wrapper = _wrap(model)
     reducer = wrapper._kernel_reducer
     out = wrapper(torch.randn(2, 3, 32, 32))
-    frozen = [i for i, n in enumerate(reducer.names)
-              if n.startswith(('backbone.conv1', 'backbone.layer1.'))]
+    frozen = [
+        i for i, n in enumerate(reducer.names)
+        if n.startswith(('backbone.conv1', 'backbone.layer1.'))
+    ]
     assert frozen and not set(frozen) & set(reducer.round.proxies)
     assert len(reducer.round.proxies) == len(reducer.names) - len(frozen)
     out.sum().backward()
@@ -566,8 +573,9 @@ def test_activation_checkpointing_gives_the_bare_gradients(one_rank_group, use_r
                                                            monkeypatch):
     import torch.utils.checkpoint as cp
     checkpoint = cp.checkpoint
-    monkeypatch.setattr(cp, 'checkpoint', lambda fn, *args, **kwargs: checkpoint(
-        fn, *args, use_reentrant=use_reentrant, **kwargs))
+    monkeypatch.setattr(
+        cp, 'checkpoint',
+        lambda fn, *args, **kwargs: checkpoint(fn, *args, use_reentrant=use_reentrant, **kwargs))
     bare = _small_resnet(with_cp=True)
     model = copy.deepcopy(bare)
     wrapper = _wrap(model)
@@ -596,10 +604,9 @@ def test_two_forwards_and_a_direct_module_call_then_one_backward(one_rank_group)
     model = copy.deepcopy(bare)
     wrapper = _wrap(model)
     x1, x2, x3 = (torch.randn(2, 3, 32, 32) for _ in range(3))
-    (bare(x1).square().mean() + bare(x2).abs().mean()
-     + bare.backbone(x3)[-1].mean()).backward()
-    (wrapper(x1).square().mean() + wrapper(x2).abs().mean()
-     + model.backbone(x3)[-1].mean()).backward()
+    (bare(x1).square().mean() + bare(x2).abs().mean() + bare.backbone(x3)[-1].mean()).backward()
+    (wrapper(x1).square().mean() + wrapper(x2).abs().mean() +
+     model.backbone(x3)[-1].mean()).backward()
     _assert_same_grads(bare, model)
     assert wrapper._kernel_reducer.round is None
 
@@ -628,7 +635,9 @@ def test_builds_from_the_registry_and_runs_mmengine_train_step(one_rank_group):
     from mmengine.optim import OptimWrapper
     from mmengine.registry import MODEL_WRAPPERS, DefaultScope
     from mmpretrain.models import ImageClassifier
+
     import orepa_mm  # noqa: F401
+
     # The head builds its loss by bare name: it needs mmpretrain's scope, whatever scope an
     # earlier test left (this test used to pass only after another had set it).
     with DefaultScope.overwrite_default_scope('mmpretrain'):
@@ -639,8 +648,10 @@ def test_builds_from_the_registry_and_runs_mmengine_train_step(one_rank_group):
             data_preprocessor=dict(type='mmpretrain.ClsDataPreprocessor'))
     wrapper = MODEL_WRAPPERS.build(dict(type='OREPADistributedDataParallel', module=model))
     from mmpretrain.structures import DataSample
-    data = dict(inputs=[torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)] * 2,
-                data_samples=[DataSample().set_gt_label(1), DataSample().set_gt_label(2)])
+    data = dict(
+        inputs=[torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)] * 2,
+        data_samples=[DataSample().set_gt_label(1),
+                      DataSample().set_gt_label(2)])
     optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
     before = model.backbone.layer1[0].conv1.origin.detach().clone()
     log = wrapper.train_step(data, optim)
@@ -663,9 +674,12 @@ def test_torch_compile_runs_the_wrapper_forward_eagerly(one_rank_group):
 @pytest.mark.slow
 def test_bytes_per_step_are_the_plain_models(tmp_path):
     out = tmp_path / 'bench.json'
-    cmd = [sys.executable, os.path.join(ROOT, 'tools', 'benchmark_ddp.py'), '--models',
-           'resnet18', '--width', '16', '--input-size', '32', '--batch-size', '2', '--steps',
-           '2', '--warmup', '1', '--json', str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, 'tools', 'benchmark_ddp.py'), '--models', 'resnet18', '--width', '16',
+        '--input-size', '32', '--batch-size', '2', '--steps', '2', '--warmup', '1', '--json',
+        str(out)
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -75,8 +75,8 @@ def test_fake_quantization_matches_the_onnxruntime_grids():
     noisy = np.random.default_rng(1).uniform(-1, 3, 1000)
     error = np.abs(fake_quantize_uint8(noisy, -1, 3) - noisy)
     assert error.max() <= (4 / 255) / 2 + 1e-12
-    weight = np.random.default_rng(2).normal(size=(4, 3, 3, 3)) * np.array([1, 10, 100, 1000])[
-        :, None, None, None]
+    weight = np.random.default_rng(2).normal(size=(4, 3, 3, 3)) * np.array([1, 10, 100, 1000
+                                                                            ])[:, None, None, None]
     per_channel = np.abs(fake_quantize_weight(weight) - weight).reshape(4, -1).max(axis=1)
     assert np.all(per_channel <= np.abs(weight).reshape(4, -1).max(axis=1) / 127 / 2 + 1e-12)
 
@@ -109,8 +109,8 @@ def test_a_layer_with_a_1000x_channel_is_reported_first_with_a_lower_sqnr(one_th
     balanced, _ = analyse_model(Tiny(), calib, test)
     outlier, _ = analyse_model(Tiny(outlier=1000.0), calib, test)
     with torch.no_grad():  # the same function: any difference is quantization's
-        assert torch.allclose(Tiny().backbone(test[0]), Tiny(1000.0).backbone(test[0]),
-                              rtol=1e-3, atol=1e-4)
+        assert torch.allclose(
+            Tiny().backbone(test[0]), Tiny(1000.0).backbone(test[0]), rtol=1e-3, atol=1e-4)
     first = outlier.layers[0]
     assert first.module == 'backbone.2' and first.weight_spread > 500
     assert all(layer.weight_spread < 5 for layer in balanced.layers)
@@ -121,7 +121,7 @@ def test_a_layer_with_a_1000x_channel_is_reported_first_with_a_lower_sqnr(one_th
     # outlier channel's range, so the other 15 channels fall into a few uint8 steps.
     weakest = outlier.ranked_layers('sqnr')[0]
     assert weakest.module == 'backbone.4' and weakest.input_channel_spread > 100
-    assert weakest.layer_sqnr_db < min(l.layer_sqnr_db for l in balanced.layers) - 10
+    assert weakest.layer_sqnr_db < min(r.layer_sqnr_db for r in balanced.layers) - 10
     table = outlier.table(top=2)
     assert 'backbone.2' in table and 'lowest layer SQNR' in table
     json.dumps(outlier.as_dict())  # inf / nan are written as strings, not invalid JSON
@@ -133,10 +133,11 @@ def test_keeping_the_consumer_in_fp32_recovers_the_sqnr(one_thread):
     kept, graphs = analyse_model(Tiny(1000.0), calib, test, keep_fp32=['backbone.4'])
     # the conv, and what produces its input (ReLU, the outlier conv): in QDQ a tensor is
     # quantized when its producer or a consumer is, so keeping the conv alone would not do
-    assert graphs.excluded == ['/backbone/backbone.4/Conv', '/backbone/backbone.3/Relu',
-                               '/backbone/backbone.2/Conv']
+    assert graphs.excluded == [
+        '/backbone/backbone.4/Conv', '/backbone/backbone.3/Relu', '/backbone/backbone.2/Conv'
+    ]
     assert kept.min_sqnr_db > worst.min_sqnr_db + 20
-    assert not next(l for l in kept.layers if l.module == 'backbone.4').quantized
+    assert not next(r for r in kept.layers if r.module == 'backbone.4').quantized
     with pytest.raises(QuantizationCheckError, match='names no conv'):
         analyse_model(Tiny(), calib, test, keep_fp32=['backbone.nothing'])
 
@@ -249,7 +250,9 @@ def classifier_dir(tmp_path, val: str, orepa: bool = False, name='deploy'):
     folder.mkdir()
     text = CLASSIFIER.format(
         imports="custom_imports = dict(imports=['orepa_mm'], allow_failed_imports=False)"
-        if orepa else '', conv=", conv_cfg=dict(type='OREPA')" if orepa else '', val=val)
+        if orepa else '',
+        conv=", conv_cfg=dict(type='OREPA')" if orepa else '',
+        val=val)
     (folder / 'deploy_config.py').write_text(text)
     cfg = Config.fromfile(str(folder / 'deploy_config.py'))
     with DefaultScope.overwrite_default_scope('mmpretrain'):
@@ -303,14 +306,17 @@ def test_the_tool_on_a_reparameterized_classifier(tmp_path, capsys, one_thread):
     """OREPA classifier -> reparameterize_checkpoint -> the check with --eval: report printed,
     JSON and INT8 ONNX written, fp32 metric through ONNX Runtime equal to PyTorch's."""
     write_images(str(tmp_path / 'data'), count=12)
-    train = classifier_dir(tmp_path, val=VAL.format(root=tmp_path / 'data'), orepa=True,
-                           name='train')
+    train = classifier_dir(
+        tmp_path, val=VAL.format(root=tmp_path / 'data'), orepa=True, name='train')
     deploy_dir = tmp_path / 'deployed'
-    reparameterize_checkpoint(str(train / 'deploy_config.py'), str(train / 'deploy.pth'),
-                              str(deploy_dir), verbose=False)
+    reparameterize_checkpoint(
+        str(train / 'deploy_config.py'), str(train / 'deploy.pth'), str(deploy_dir), verbose=False)
     out, onnx_file = tmp_path / 'r' / 'report.json', tmp_path / 'int8.onnx'
-    code, stdout, err = run_tool([str(deploy_dir), '--calib', '4', '--images', '4', '--eval',
-                                  '--out', str(out), '--save-onnx', str(onnx_file)], capsys)
+    code, stdout, err = run_tool([
+        str(deploy_dir), '--calib', '4', '--images', '4', '--eval', '--out',
+        str(out), '--save-onnx',
+        str(onnx_file)
+    ], capsys)
     assert code == 0, err
     assert 'layers most at risk' in stdout and 'accuracy/top1' in stdout
     record = json.loads(out.read_text())
@@ -339,18 +345,18 @@ def _deployed(deploy_dir):
 
 def test_the_report_object_directly(tmp_path, one_thread):
     write_images(str(tmp_path / 'data'), count=6)
-    train = classifier_dir(tmp_path, val=VAL.format(root=tmp_path / 'data'), orepa=True,
-                           name='train')
+    train = classifier_dir(
+        tmp_path, val=VAL.format(root=tmp_path / 'data'), orepa=True, name='train')
     deploy_dir = tmp_path / 'deployed'
-    reparameterize_checkpoint(str(train / 'deploy_config.py'), str(train / 'deploy.pth'),
-                              str(deploy_dir), verbose=False)
+    reparameterize_checkpoint(
+        str(train / 'deploy_config.py'), str(train / 'deploy.pth'), str(deploy_dir), verbose=False)
     report = quantization_check(str(deploy_dir), calib=4, images=4, verbose=False)
     assert report.calib_images == 4 and report.test_images == 4
     assert any('overlap' in note for note in report.notes)  # 6 images: 4 + 4 overlap
     assert report.outputs[0].name == 'neck.0' and 0 < report.outputs[0].cosine <= 1
     assert report.layers[0].weight_spread >= report.layers[-1].weight_spread
-    assert [l.layer_sqnr_db for l in report.ranked_layers('sqnr')] == sorted(
-        l.layer_sqnr_db for l in report.layers)
+    ranked = [r.layer_sqnr_db for r in report.ranked_layers('sqnr')]
+    assert ranked == sorted(r.layer_sqnr_db for r in report.layers)
 
 
 # -- the detector, end to end (slow) ----------------------------------------------------------
@@ -375,21 +381,26 @@ def test_the_tool_on_the_demo_detector_as_a_subprocess(tmp_path):
         model = MODELS.build(cfg.model)
     torch.save(dict(state_dict=model.state_dict(), meta={}), tmp_path / 'ckpt.pth')
     deploy_dir = tmp_path / 'deploy'
-    reparameterize_checkpoint(str(train_config), str(tmp_path / 'ckpt.pth'), str(deploy_dir),
-                              verbose=False)
+    reparameterize_checkpoint(
+        str(train_config), str(tmp_path / 'ckpt.pth'), str(deploy_dir), verbose=False)
     out = tmp_path / 'report.json'
-    result = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'quantization_check.py'), str(deploy_dir),
-         '--calib', '2', '--images', '2', '--eval', '--out', str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = subprocess.run([
+        sys.executable,
+        osp.join(REPO, 'tools', 'quantization_check.py'),
+        str(deploy_dir), '--calib', '2', '--images', '2', '--eval', '--out',
+        str(out)
+    ],
+                            capture_output=True,
+                            text=True,
+                            cwd=REPO,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(out.read_text())
     assert [o['name'] for o in record['outputs']] == [f'neck.{i}' for i in range(5)]
     assert 'coco/bbox_mAP' in record['metrics']['int8']
     assert 'task metric (6 val images)' in result.stdout  # untrained: -1 rows are left out
     # and the study's row of it
-    row = study.row_of(study.VARIANTS['orepa'],
-                       _report_from(record), None)
+    row = study.row_of(study.VARIANTS['orepa'], _report_from(record), None)
     assert len(row['sqnr_db']) == 5
 
 
@@ -400,16 +411,27 @@ def _report_from(record):
     def number(value):
         return float(value) if isinstance(value, str) else value
 
-    layers = [LayerRisk(**{k: (number(v) if k in ('weight_spread', 'input_channel_spread',
-                                                   'layer_sqnr_db') else v)
-                           for k, v in layer.items()}) for layer in record['layers']]
-    outputs = [OutputQuality(o['name'], tuple(o['shape']), number(o['cosine']),
-                             number(o['sqnr_db'])) for o in record['outputs']]
-    return QuantizationReport(source=record['source'], settings=record['settings'],
-                              calib_images=record['calib_images'],
-                              test_images=record['test_images'], outputs=outputs,
-                              layers=layers, metrics=record['metrics'],
-                              metric_names=record['metric_names'])
+    layers = [
+        LayerRisk(
+            **{
+                k: (number(v) if k in ('weight_spread', 'input_channel_spread',
+                                       'layer_sqnr_db') else v)
+                for k, v in layer.items()
+            }) for layer in record['layers']
+    ]
+    outputs = [
+        OutputQuality(o['name'], tuple(o['shape']), number(o['cosine']), number(o['sqnr_db']))
+        for o in record['outputs']
+    ]
+    return QuantizationReport(
+        source=record['source'],
+        settings=record['settings'],
+        calib_images=record['calib_images'],
+        test_images=record['test_images'],
+        outputs=outputs,
+        layers=layers,
+        metrics=record['metrics'],
+        metric_names=record['metric_names'])
 
 
 @pytest.mark.slow

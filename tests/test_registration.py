@@ -47,8 +47,9 @@ def test_custom_imports_registers_backbones_and_conv_types(scope):
 
 
 def test_registration_is_idempotent():
-    import orepa_mm
     from mmdet.registry import MODELS
+
+    import orepa_mm
     before = MODELS.get('OREPAResNet')
     assert orepa_mm.register_all_modules() == ['mmdet', 'mmseg', 'mmpretrain']
     assert MODELS.get('OREPAResNet') is before

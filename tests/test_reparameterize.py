@@ -24,8 +24,7 @@ import orepa_mm
 from orepa_mm.apis import (EXIT_ALREADY_DEPLOYED, EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED,
                            ReparameterizeError, VerificationError, deploy_config,
                            reparameterize_checkpoint)
-from orepa_mm.apis.deploy_gate import (ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL,
-                                      FLOAT32_RTOL)
+from orepa_mm.apis.deploy_gate import ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL, FLOAT32_RTOL
 from orepa_mm.cnn import ReparamConv2d
 from orepa_mm.deploy import count_reparameterizable
 from tests import reparam_configs as configs
@@ -102,8 +101,8 @@ def randomise(model, seed=0):
         for m in norms:
             m.momentum = 0.1
             m.running_var.mul_(torch.rand(m.num_features, generator=g) * 0.4 + 0.8)
-            m.running_mean.add_(torch.randn(m.num_features, generator=g) * 0.1
-                                * m.running_var.sqrt())
+            m.running_mean.add_(
+                torch.randn(m.num_features, generator=g) * 0.1 * m.running_var.sqrt())
             m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
@@ -144,7 +143,10 @@ def converted(cases, tmp_path_factory):
             continue
         out = tmp_path_factory.mktemp(f'deployed_{name}')
         results[name] = reparameterize_checkpoint(
-            case.config, case.checkpoint, str(out), verbose=False,
+            case.config,
+            case.checkpoint,
+            str(out),
+            verbose=False,
             input_size=(32, 32) if name == 'segmentor_vgg' else None,
             export_onnx=name == 'detector')
     return results
@@ -166,8 +168,11 @@ def assert_refused(code, err, expected_code, *words, out_dir):
 
 
 def image_for(name):
-    return torch.randint(0, 256, (3, *EXPECTED[name][0]),
-                         generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    return torch.randint(
+        0,
+        256, (3, *EXPECTED[name][0]),
+        generator=torch.Generator().manual_seed(7),
+        dtype=torch.uint8)
 
 
 @pytest.fixture(scope='module')
@@ -177,14 +182,23 @@ def fresh_process_outputs(converted, tmp_path_factory):
     argv = []
     for name, result in converted.items():
         torch.save(image_for(name), folder / f'{name}_image.pt')
-        argv += [result.deploy_config, result.deploy_checkpoint, str(folder / f'{name}_image.pt'),
-                 str(folder / f'{name}_outputs.pt')]
+        argv += [
+            result.deploy_config, result.deploy_checkpoint,
+            str(folder / f'{name}_image.pt'),
+            str(folder / f'{name}_outputs.pt')
+        ]
     env = dict(os.environ, PYTHONPATH='')  # the stock libraries only
-    proc = subprocess.run([sys.executable, str(FRESH), *argv], capture_output=True, text=True,
-                          env=env, cwd=folder, timeout=600)
+    proc = subprocess.run([sys.executable, str(FRESH), *argv],
+                          capture_output=True,
+                          text=True,
+                          env=env,
+                          cwd=folder,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {name: torch.load(folder / f'{name}_outputs.pt', weights_only=True)
-            for name in converted}
+    return {
+        name: torch.load(folder / f'{name}_outputs.pt', weights_only=True)
+        for name in converted
+    }
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -199,7 +213,7 @@ EXPECTED = {
 @pytest.mark.slow
 @pytest.mark.parametrize('name', list(EXPECTED))
 def test_round_trip_in_a_fresh_process_without_orepa_mm(name, cases, converted,
-                                                         fresh_process_outputs):
+                                                        fresh_process_outputs):
     case, result = cases[name], converted[name]
     size, backbone = EXPECTED[name]
     out = Path(result.out_dir)
@@ -256,8 +270,8 @@ def test_result_reports_errors_costs_and_paths(converted):
     assert result.deploy_checkpoint == os.path.join(result.out_dir, 'deploy.pth')
     assert 'detection_onnxruntime_dynamic.py' in result.mmdeploy_command()
     table = result.table()
-    for word in ('train-time', 'deployed', 'FLOPs', 'backbone.0', 'onnx.feat0',
-                 'deploy_config.py', 'deploy_backbone.onnx'):
+    for word in ('train-time', 'deployed', 'FLOPs', 'backbone.0', 'onnx.feat0', 'deploy_config.py',
+                 'deploy_backbone.onnx'):
         assert word in table
     assert converted['segmentor'].input_size_source == 'test_dataloader pipeline'
     assert converted['segmentor_vgg'].input_size_source == '--input-size'
@@ -266,8 +280,8 @@ def test_result_reports_errors_costs_and_paths(converted):
 def test_onnx_export_matches_onnxruntime(converted):
     onnxruntime = pytest.importorskip('onnxruntime')
     result = converted['detector']
-    assert result.onnx_file and [e.name for e in result.onnx_errors] == [
-        f'onnx.feat{i}' for i in range(5)]
+    assert result.onnx_file and [e.name for e in result.onnx_errors
+                                 ] == [f'onnx.feat{i}' for i in range(5)]
     assert all(e.rel < RTOL for e in result.onnx_errors)
     record = torch.load(result.deploy_checkpoint, weights_only=True)['meta']['reparameterized']
     assert 'onnx.feat0' in record['errors']
@@ -330,8 +344,8 @@ def test_ema_weights_are_used_unless_no_ema(flag, ema_checkpoint, tmp_path, caps
     assert record['ema_used'] is use_ema
     stock = build(out / 'deploy_config.py')
     stock.load_state_dict(torch.load(out / 'deploy.pth', weights_only=True)['state_dict'])
-    image = torch.randint(0, 256, (3, 32, 32), generator=torch.Generator().manual_seed(5),
-                          dtype=torch.uint8)
+    image = torch.randint(
+        0, 256, (3, 32, 32), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     key = 'head'
     expected = outputs(averaged if use_ema else raw, image)
     other = outputs(raw if use_ema else averaged, image)
@@ -387,10 +401,16 @@ def test_truncated_or_corrupt_checkpoint(damage, cases, tmp_path, capsys):
 
 def test_config_checkpoint_mismatch(cases, tmp_path, capsys):
     out = tmp_path / 'out'
-    code, _, err = run_main([cases['classifier'].config, cases['detector'].checkpoint, '--out',
-                             out], capsys)
-    assert_refused(code, err, EXIT_BAD_INPUT, 'does not match config', 'keys missing',
-                   'unexpected', out_dir=out)
+    code, _, err = run_main(
+        [cases['classifier'].config, cases['detector'].checkpoint, '--out', out], capsys)
+    assert_refused(
+        code,
+        err,
+        EXIT_BAD_INPUT,
+        'does not match config',
+        'keys missing',
+        'unexpected',
+        out_dir=out)
 
     # Same keys, other shapes: a head with another number of classes.
     other = tmp_path / 'classifier7.py'
@@ -415,8 +435,7 @@ def test_already_deployed_checkpoint(cases, converted, tmp_path, capsys):
     deployed = converted['classifier'].deploy_checkpoint
     for config in (converted['classifier'].deploy_config, cases['classifier'].config):
         code, _, err = run_main([config, deployed, '--out', out], capsys)
-        assert_refused(code, err, EXIT_ALREADY_DEPLOYED, 'already re-parameterized',
-                       out_dir=out)
+        assert_refused(code, err, EXIT_ALREADY_DEPLOYED, 'already re-parameterized', out_dir=out)
     # Stock keys without orepa_mm's record (e.g. meta stripped) are recognised too.
     stripped = tmp_path / 'stripped.pth'
     state = torch.load(deployed, weights_only=True)['state_dict']
@@ -435,8 +454,8 @@ def test_unwritable_output_dir(cases, tmp_path, capsys):
         assert a_file.read_text() == 'x'
 
 
-@pytest.mark.skipif(hasattr(os, 'geteuid') and os.geteuid() == 0,
-                    reason='root writes to read-only directories')
+@pytest.mark.skipif(
+    hasattr(os, 'geteuid') and os.geteuid() == 0, reason='root writes to read-only directories')
 def test_read_only_output_dir(cases, tmp_path, capsys):
     case = cases['classifier']
     locked = tmp_path / 'locked'
@@ -469,33 +488,38 @@ def test_verification_failure_writes_nothing(cases, tmp_path, capsys, monkeypatc
     out = tmp_path / 'out'
     _broken_to_conv2d(monkeypatch, 1e-6)
     code, stdout, err = run_main([case.config, case.checkpoint, '--out', out], capsys)
-    assert_refused(code, err, EXIT_VERIFICATION_FAILED, 'beyond their tolerance', 'in float64',
-                   'rtol 1e-09', out_dir=out)
+    assert_refused(
+        code,
+        err,
+        EXIT_VERIFICATION_FAILED,
+        'beyond their tolerance',
+        'in float64',
+        'rtol 1e-09',
+        out_dir=out)
     assert 'FAIL' in stdout  # the per-output table explains which
 
 
 @pytest.mark.slow
-def test_float64_gate_separates_a_small_conversion_error_from_rounding(cases, tmp_path,
-                                                                       monkeypatch):
+def test_float64_gate_separates_a_small_conversion_error_from_rounding(
+        cases, tmp_path, monkeypatch):
     """The exact conversion is at ~1e-12 or below in float64, its float32 agreement at float32
     rounding (~1e-5 here); a 1e-8 kernel error stands out in float64 but hides in float32."""
     case = cases['se_resnet']
-    exact = reparameterize_checkpoint(case.config, case.checkpoint, str(tmp_path / 'exact'),
-                                      verbose=False)
+    exact = reparameterize_checkpoint(
+        case.config, case.checkpoint, str(tmp_path / 'exact'), verbose=False)
     assert exact.max_rel_error < 1e-12
     fp32 = [e for e in exact.errors if e.name.startswith('float32')]
     assert fp32 and 1e-9 < fp32[0].rel < 1e-4  # float32 rounding, reported beside
     _broken_to_conv2d(monkeypatch, 1e-8)  # below float32's resolution (6e-8)
     with pytest.raises(VerificationError) as failure:
-        reparameterize_checkpoint(case.config, case.checkpoint, str(tmp_path / 'broken'),
-                                  verbose=False)
+        reparameterize_checkpoint(
+            case.config, case.checkpoint, str(tmp_path / 'broken'), verbose=False)
     worst = max(e.rel for e in failure.value.errors if e.gated and e.tolerance is None)
     assert DEFAULT_RTOL < worst < 1e-5  # caught in float64, far below float32 noise
     assert not (tmp_path / 'broken').exists()
 
 
-def test_the_written_weights_are_gated_not_a_copy_baked_again(cases, tmp_path, capsys,
-                                                             monkeypatch):
+def test_the_written_weights_are_gated_not_a_copy_baked_again(cases, tmp_path, capsys, monkeypatch):
     """A tensor damaged between the bake and the save (here: right after the baked weights are
     loaded into the stock model) is caught by the gate on what deploy.pth holds (its float32
     weights run in float64), although the float64 conversion check, which bakes again from the
@@ -513,8 +537,14 @@ def test_the_written_weights_are_gated_not_a_copy_baked_again(cases, tmp_path, c
     case = cases['classifier']
     out = tmp_path / 'out'
     code, stdout, err = run_main([case.config, case.checkpoint, '--out', out], capsys)
-    assert_refused(code, err, EXIT_VERIFICATION_FAILED, 'of deploy.pth as written',
-                   'float64 from its float32 weights', 'rtol 0.0001', out_dir=out)
+    assert_refused(
+        code,
+        err,
+        EXIT_VERIFICATION_FAILED,
+        'of deploy.pth as written',
+        'float64 from its float32 weights',
+        'rtol 0.0001',
+        out_dir=out)
     rows = [line for line in stdout.splitlines() if 'FAIL' in line]
     assert rows and all('deploy.pth as written' in line for line in rows)  # float64: all ok
 
@@ -565,13 +595,20 @@ def test_usage_error_exits_2(capsys):
 def test_cli_process_exit_code_and_single_stderr_line(cases, tmp_path):
     case = cases['classifier']
     out = tmp_path / 'out'
-    proc = subprocess.run([sys.executable, str(TOOL), case.config, str(tmp_path / 'nope.pth'),
-                           '--out', str(out)], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable,
+         str(TOOL), case.config,
+         str(tmp_path / 'nope.pth'), '--out',
+         str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT
     assert proc.stderr.strip().splitlines() == [
         f'error: checkpoint {tmp_path / "nope.pth"} does not exist; pass a checkpoint written by '
-        'tools/train.py.']
+        'tools/train.py.'
+    ]
     assert not out.exists()
 
 
@@ -585,8 +622,9 @@ def test_library_raises_one_sentence(cases, tmp_path):
 # -- the deployed config -----------------------------------------------------------------------
 def test_deploy_config_rewrites_to_stock_modules(tmp_path):
     path = tmp_path / 'det.py'
-    path.write_text(configs.DETECTOR.replace(
-        "neck=dict(type='FPN',", "neck=dict(type='FPN', conv_cfg=dict(type='OREPA'),"))
+    path.write_text(
+        configs.DETECTOR.replace("neck=dict(type='FPN',",
+                                 "neck=dict(type='FPN', conv_cfg=dict(type='OREPA'),"))
     cfg = Config.fromfile(str(path))
     deployed = deploy_config(cfg)
     assert deployed.model.backbone.type == 'ResNet'
@@ -600,8 +638,9 @@ def test_deploy_config_rewrites_to_stock_modules(tmp_path):
 
 def test_deploy_config_repvgg_outside_mmpretrain_imports_it(tmp_path):
     path = tmp_path / 'seg.py'
-    path.write_text(configs.SEGMENTOR_VGG.replace(
-        "imports=['orepa_mm']", "imports=['orepa_mm', 'my_project.hooks']"))
+    path.write_text(
+        configs.SEGMENTOR_VGG.replace("imports=['orepa_mm']",
+                                      "imports=['orepa_mm', 'my_project.hooks']"))
     deployed = deploy_config(Config.fromfile(str(path), import_custom_modules=False))
     assert deployed.model.backbone.type == 'mmpretrain.RepVGG'
     assert deployed.model.backbone.deploy is True and 'conv_cfg' not in deployed.model.backbone
@@ -630,14 +669,15 @@ def test_every_orepa_backbone_deploys_to_the_class_it_subclasses(library):
 def test_any_model_with_orepa_conv_cfg_is_converted(tmp_path):
     """No orepa_mm backbone at all: a stock ResNet whose convs are OREPA via conv_cfg."""
     config = tmp_path / 'conv_cfg.py'
-    config.write_text(configs.STOCK_CLASSIFIER.replace(
-        "base_channels=8)", "base_channels=8, conv_cfg=dict(type='OREPA'))"))
+    config.write_text(
+        configs.STOCK_CLASSIFIER.replace("base_channels=8)",
+                                         "base_channels=8, conv_cfg=dict(type='OREPA'))"))
     model = randomise(build(config), seed=4)
     assert count_reparameterizable(model) > 0
     checkpoint = tmp_path / 'conv_cfg.pth'
     torch.save(dict(state_dict=model.state_dict()), checkpoint)
-    result = reparameterize_checkpoint(str(config), str(checkpoint), str(tmp_path / 'out'),
-                                       input_size=(32, 32), verbose=False)
+    result = reparameterize_checkpoint(
+        str(config), str(checkpoint), str(tmp_path / 'out'), input_size=(32, 32), verbose=False)
     assert Config.fromfile(result.deploy_config).model.backbone.conv_cfg is None
     assert result.input_size_source == '--input-size'
     assert result.max_rel_error < RTOL
@@ -649,8 +689,8 @@ def _dbb_detector(tmp_path, norm="dict(type='BN', requires_grad=True)"):
     config = tmp_path / 'dbb.py'
     text = configs.DETECTOR.replace("type='OREPAResNet',",
                                     "type='ResNet', conv_cfg=dict(type='DBB'),")
-    config.write_text(text.replace("norm_cfg=dict(type='BN', requires_grad=True)",
-                                   f'norm_cfg={norm}'))
+    config.write_text(
+        text.replace("norm_cfg=dict(type='BN', requires_grad=True)", f'norm_cfg={norm}'))
     torch.manual_seed(5)
     model = randomise(build(config), seed=5)
     model.backbone.train()
@@ -668,8 +708,8 @@ def test_dbb_in_a_stock_resnet_deploys_with_its_biases_folded_into_the_bns(tmp_p
     """DBB bakes into convs with a bias; mmdet's ResNet has none: each bias goes into the BN
     after its conv (exact), deploy.pth loads strictly into the stock ResNet."""
     config, checkpoint, model = _dbb_detector(tmp_path)
-    result = reparameterize_checkpoint(str(config), str(checkpoint), str(tmp_path / 'out'),
-                                       verbose=False)
+    result = reparameterize_checkpoint(
+        str(config), str(checkpoint), str(tmp_path / 'out'), verbose=False)
     assert result.num_reparameterized == 16  # every 3x3 block conv of ResNet-18
     assert result.max_rel_error < DEFAULT_RTOL  # float64, every output
     artefact = [e for e in result.errors if e.name == ARTEFACT_ROW]
@@ -689,8 +729,8 @@ def test_dbb_bias_with_no_bn_after_it_is_refused_in_one_sentence(tmp_path, capsy
     config, checkpoint, _ = _dbb_detector(tmp_path, norm="dict(type='GN', num_groups=2)")
     out = tmp_path / 'out'
     code, _, err = run_main([config, checkpoint, '--out', out], capsys)
-    assert_refused(code, err, EXIT_BAD_INPUT, 'backbone.layer1.0.conv1', 'no BatchNorm follows',
-                   out_dir=out)
+    assert_refused(
+        code, err, EXIT_BAD_INPUT, 'backbone.layer1.0.conv1', 'no BatchNorm follows', out_dir=out)
 
 
 def test_runner_checkpoint_with_logs_and_numpy_meta(cases, tmp_path):
@@ -703,34 +743,52 @@ def test_runner_checkpoint_with_logs_and_numpy_meta(cases, tmp_path):
     hub.update_scalar('train/loss', 0.5)
     checkpoint = dict(
         meta=dict(epoch=2, iter=10, seed=np.int64(3), lr=np.float32(0.1), cfg='model = ...'),
-        state_dict=case.model.state_dict(), message_hub=hub.state_dict(),
+        state_dict=case.model.state_dict(),
+        message_hub=hub.state_dict(),
         optimizer=dict(state={}, param_groups=[dict(lr=0.1, params=[0, 1])]))
     path = tmp_path / 'epoch_2.pth'
     torch.save(checkpoint, path)
-    result = reparameterize_checkpoint(case.config, str(path), str(tmp_path / 'out'),
-                                       verbose=False)
+    result = reparameterize_checkpoint(case.config, str(path), str(tmp_path / 'out'), verbose=False)
     saved = torch.load(result.deploy_checkpoint, weights_only=True)
     assert set(saved) == {'meta', 'state_dict'}
     assert saved['meta']['seed'] == 3 and type(saved['meta']['seed']) is int
     assert abs(saved['meta']['lr'] - 0.1) < 1e-6 and saved['meta']['cfg'] == 'model = ...'
 
 
-@pytest.mark.parametrize('pipeline,expected', [
-    # mmdet: Resize(scale=(w, h), keep_ratio) -> (h, w)
-    ([dict(type='LoadImageFromFile'), dict(type='Resize', scale=(1333, 800), keep_ratio=True),
-      dict(type='PackDetInputs')], (800, 1333)),
-    # mmseg ADE20K
-    ([dict(type='LoadImageFromFile'), dict(type='Resize', scale=(2048, 512), keep_ratio=True),
-      dict(type='LoadAnnotations'), dict(type='PackSegInputs')], (512, 2048)),
-    # mmpretrain ImageNet: the final crop wins
-    ([dict(type='LoadImageFromFile'), dict(type='ResizeEdge', scale=256, edge='short'),
-      dict(type='CenterCrop', crop_size=224), dict(type='PackInputs')], (224, 224)),
-    # test-time augmentation: the first choice of each step
-    ([dict(type='LoadImageFromFile'),
-      dict(type='TestTimeAug', transforms=[[dict(type='Resize', scale=(640, 480)),
-                                            dict(type='Resize', scale=(320, 240))],
-                                           [dict(type='PackDetInputs')]])], (480, 640)),
-])
+@pytest.mark.parametrize(
+    'pipeline,expected',
+    [
+        # mmdet: Resize(scale=(w, h), keep_ratio) -> (h, w)
+        ([
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(1333, 800), keep_ratio=True),
+            dict(type='PackDetInputs')
+        ], (800, 1333)),
+        # mmseg ADE20K
+        ([
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(2048, 512), keep_ratio=True),
+            dict(type='LoadAnnotations'),
+            dict(type='PackSegInputs')
+        ], (512, 2048)),
+        # mmpretrain ImageNet: the final crop wins
+        ([
+            dict(type='LoadImageFromFile'),
+            dict(type='ResizeEdge', scale=256, edge='short'),
+            dict(type='CenterCrop', crop_size=224),
+            dict(type='PackInputs')
+        ], (224, 224)),
+        # test-time augmentation: the first choice of each step
+        ([
+            dict(type='LoadImageFromFile'),
+            dict(
+                type='TestTimeAug',
+                transforms=[[
+                    dict(type='Resize', scale=(640, 480)),
+                    dict(type='Resize', scale=(320, 240))
+                ], [dict(type='PackDetInputs')]])
+        ], (480, 640)),
+    ])
 def test_input_size_comes_from_the_test_pipeline(pipeline, expected):
     from orepa_mm.apis.verification import config_input_size
     wrapped = dict(type='RepeatDataset', times=2, dataset=dict(type='X', pipeline=pipeline))

@@ -26,8 +26,9 @@ PROBE = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _net():
-    return nn.Sequential(OREPAConv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), OREPAConv1x1(4, 4),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(
+        OREPAConv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), OREPAConv1x1(4, 4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
 
 
 class TeacherStudent(BaseModel):
@@ -123,19 +124,27 @@ def test_mean_teacher_and_ema_hooks_never_leave_a_stale_kernel(tmp_path):
     runner = Runner(
         model=TeacherStudent(),
         work_dir=str(tmp_path),
-        train_dataloader=dict(dataset=ToyData(), batch_size=4, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        val_dataloader=dict(dataset=ToyData(), batch_size=4, num_workers=0,
-                            sampler=dict(type='DefaultSampler', shuffle=False),
-                            collate_fn=dict(type='default_collate')),
+        train_dataloader=dict(
+            dataset=ToyData(),
+            batch_size=4,
+            num_workers=0,
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            collate_fn=dict(type='default_collate')),
+        val_dataloader=dict(
+            dataset=ToyData(),
+            batch_size=4,
+            num_workers=0,
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            collate_fn=dict(type='default_collate')),
         val_evaluator=dict(type=Outputs),
         train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
         val_cfg=dict(),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.5, momentum=0.9)),
-        custom_hooks=[dict(type='MeanTeacherHook', momentum=0.5),
-                      dict(type='EMAHook', momentum=0.5),
-                      dict(type='ReparamKernelCacheHook'), probe],
+        custom_hooks=[
+            dict(type='MeanTeacherHook', momentum=0.5),
+            dict(type='EMAHook', momentum=0.5),
+            dict(type='ReparamKernelCacheHook'), probe
+        ],
         default_hooks=dict(checkpoint=None, logger=None),
         default_scope='mmdet',
     )

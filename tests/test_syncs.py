@@ -8,23 +8,23 @@ forward (validation, teachers), inference_mode, OREPA-VGG and OREPA convs in a n
 import pytest
 import torch
 import torch.nn as nn
+from mmdet.models.backbones import ResNet  # noqa: E402
+from mmdet.models.dense_heads import RetinaHead  # noqa: E402
+from mmdet.models.necks import FPN  # noqa: E402
 
 import orepa_mm  # noqa: F401
 from orepa_mm.models.backbones import for_mmdet, for_mmpretrain
 from tests.dispatch_counts import OpCounter
 
-from mmdet.models.backbones import ResNet  # noqa: E402
-from mmdet.models.dense_heads import RetinaHead  # noqa: E402
-from mmdet.models.necks import FPN  # noqa: E402
-
 pytestmark = pytest.mark.usefixtures('one_thread')
-TINY_VGG = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.125] * 4, group_layer_map=None,
-                se_cfg=None)
+TINY_VGG = dict(
+    num_blocks=[1, 1, 1, 1], width_factor=[0.125] * 4, group_layer_map=None, se_cfg=None)
 
 
 def _train_step_syncs(model: nn.Module, x: torch.Tensor):
     """Syncs of the second of two training steps (the first fills whatever is lazily made)."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=0.01,
                                 momentum=0.9)
     model.train()
     for _ in range(2):
@@ -72,11 +72,11 @@ class _DetectorFeatures(nn.Module):
 
     def __init__(self, conv_cfg):
         super().__init__()
-        self.backbone = ResNet(depth=18, base_channels=8, frozen_stages=1, norm_eval=True,
-                               conv_cfg=conv_cfg)
+        self.backbone = ResNet(
+            depth=18, base_channels=8, frozen_stages=1, norm_eval=True, conv_cfg=conv_cfg)
         self.neck = FPN([8, 16, 32, 64], 16, num_outs=5, conv_cfg=conv_cfg)
-        self.head = RetinaHead(num_classes=3, in_channels=16, feat_channels=16, stacked_convs=2,
-                               conv_cfg=conv_cfg)
+        self.head = RetinaHead(
+            num_classes=3, in_channels=16, feat_channels=16, stacked_convs=2, conv_cfg=conv_cfg)
 
     def forward(self, x):
         cls_scores, bbox_preds = self.head(self.neck(self.backbone(x)))

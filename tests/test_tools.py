@@ -18,7 +18,8 @@ import torch
 from mmengine.config import Config
 
 from orepa_mm.utils.checkpoint_io import load_from_local
-from orepa_mm.utils.cli import (ToolError, apply_test_args, apply_train_args, config_scope, parse_test_args, parse_train_args, train_splits)
+from orepa_mm.utils.cli import (ToolError, apply_test_args, apply_train_args, config_scope,
+                                parse_test_args, parse_train_args, train_splits)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +105,8 @@ def toy(tmp_path_factory):
 def run_tool(tool, *args, cwd):
     """Run tools/<tool>.py like a user would, with the repo importable."""
     env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(
-        [str(REPO)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] +
+                                        ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     env.setdefault('CUDA_VISIBLE_DEVICES', '')  # same path on any machine
     return subprocess.run(
         [sys.executable, str(REPO / 'tools' / f'{tool}.py'), *map(str, args)],
@@ -132,8 +133,15 @@ def test_train_resume_test_round_trip(toy, tmp_path):
 
     # --resume without a path: latest checkpoint of the work dir.
     resumed = _ok(
-        run_tool('train', config, '--work-dir', work_dir, '--resume',
-                 '--cfg-options', 'train_cfg.max_epochs=2', cwd=tmp_path))
+        run_tool(
+            'train',
+            config,
+            '--work-dir',
+            work_dir,
+            '--resume',
+            '--cfg-options',
+            'train_cfg.max_epochs=2',
+            cwd=tmp_path))
     log = resumed.stdout + resumed.stderr
     assert 'resumed epoch: 1, iter: 2' in log
     assert 'Epoch(train) [1]' not in log  # epoch 1 was not trained again
@@ -142,8 +150,17 @@ def test_train_resume_test_round_trip(toy, tmp_path):
 
     out = tmp_path / 'preds.pkl'
     tested = _ok(
-        run_tool('test', config, work_dir / 'epoch_2.pth', '--work-dir',
-                 work_dir, '--out', out, '--show-dir', 'vis', cwd=tmp_path))
+        run_tool(
+            'test',
+            config,
+            work_dir / 'epoch_2.pth',
+            '--work-dir',
+            work_dir,
+            '--out',
+            out,
+            '--show-dir',
+            'vis',
+            cwd=tmp_path))
     assert 'accuracy/top1' in tested.stdout + tested.stderr
     with open(out, 'rb') as f:
         assert len(pickle.load(f)) == 4
@@ -156,8 +173,13 @@ def test_missing_dataset_is_one_sentence_and_exit_2(toy, tmp_path):
     config, _ = toy
     missing = tmp_path / 'no_such_dataset'
     proc = run_tool(
-        'train', config, '--work-dir', tmp_path / 'work', '--cfg-options',
-        f'train_dataloader.dataset.data_root={missing}', cwd=tmp_path)
+        'train',
+        config,
+        '--work-dir',
+        tmp_path / 'work',
+        '--cfg-options',
+        f'train_dataloader.dataset.data_root={missing}',
+        cwd=tmp_path)
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -181,8 +203,7 @@ def test_test_tool_refuses_malicious_checkpoint(toy, tmp_path):
     marker = tmp_path / 'ran'
     evil = tmp_path / 'evil.pth'
     torch.save({'state_dict': {}, 'meta': _RunsShell(marker)}, evil)
-    proc = run_tool(
-        'test', config, evil, '--work-dir', tmp_path / 'work', cwd=tmp_path)
+    proc = run_tool('test', config, evil, '--work-dir', tmp_path / 'work', cwd=tmp_path)
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
@@ -198,12 +219,10 @@ def test_resume_flag_forms(toy):
     assert parse_train_args([str(config), '--resume', 'x.pth']).resume == \
         'x.pth'
 
-    cfg = apply_train_args(
-        Config.fromfile(config), parse_train_args([str(config), '--resume']))
+    cfg = apply_train_args(Config.fromfile(config), parse_train_args([str(config), '--resume']))
     assert cfg.resume is True and cfg.load_from is None
     cfg = apply_train_args(
-        Config.fromfile(config),
-        parse_train_args([str(config), '--resume', 'x.pth']))
+        Config.fromfile(config), parse_train_args([str(config), '--resume', 'x.pth']))
     assert cfg.resume is True and cfg.load_from == 'x.pth'
 
 
@@ -212,15 +231,13 @@ def test_local_rank_spellings(toy, monkeypatch):
     monkeypatch.delenv('LOCAL_RANK', raising=False)
     assert parse_train_args([str(config), '--local-rank', '3']).local_rank == 3
     assert os.environ['LOCAL_RANK'] == '3'
-    assert parse_test_args([str(config), 'c.pth',
-                            '--local_rank', '1']).local_rank == 1
+    assert parse_test_args([str(config), 'c.pth', '--local_rank', '1']).local_rank == 1
 
 
 def test_auto_scale_lr(toy):
     config, _ = toy
     args = parse_train_args([str(config), '--auto-scale-lr'])
-    assert apply_train_args(Config.fromfile(config),
-                            args).auto_scale_lr.enable is True
+    assert apply_train_args(Config.fromfile(config), args).auto_scale_lr.enable is True
     cfg = Config.fromfile(config)
     cfg.auto_scale_lr = dict(base_batch_size=2)  # no `enable` key
     with pytest.raises(ToolError):
@@ -231,8 +248,7 @@ def test_amp_on_cpu_selects_bf16(toy, monkeypatch):
     config, _ = toy
     import orepa_mm.utils.cli as tools_utils
     monkeypatch.setattr(tools_utils, '_has_accelerator', lambda: False)
-    cfg = apply_train_args(
-        Config.fromfile(config), parse_train_args([str(config), '--amp']))
+    cfg = apply_train_args(Config.fromfile(config), parse_train_args([str(config), '--amp']))
     assert cfg.optim_wrapper.type == 'BF16OptimWrapper'
 
 
@@ -240,8 +256,7 @@ def test_amp_switches_optim_wrapper(toy, monkeypatch):
     config, _ = toy
     import orepa_mm.utils.cli as tools_utils
     monkeypatch.setattr(tools_utils, '_has_accelerator', lambda: True)
-    cfg = apply_train_args(
-        Config.fromfile(config), parse_train_args([str(config), '--amp']))
+    cfg = apply_train_args(Config.fromfile(config), parse_train_args([str(config), '--amp']))
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
     assert cfg.optim_wrapper.loss_scale == 'dynamic'
 
@@ -267,8 +282,7 @@ def _test_args(config, *extra):
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])
 def test_show_dir_per_scope(toy, scope):
     config, _ = toy
-    cfg = apply_test_args(
-        _scoped_cfg(config, scope), _test_args(config, '--show-dir', 'vis'))
+    cfg = apply_test_args(_scoped_cfg(config, scope), _test_args(config, '--show-dir', 'vis'))
     hook = cfg.default_hooks.visualization
     assert cfg.load_from == 'ckpt.pth'
     if scope == 'mmdet':
@@ -290,13 +304,11 @@ def test_show_dir_needs_visualization_hook(toy):
 
 def test_out_per_scope(toy):
     config, _ = toy
-    cfg = apply_test_args(
-        _scoped_cfg(config, 'mmseg'), _test_args(config, '--out', 'pred_dir'))
+    cfg = apply_test_args(_scoped_cfg(config, 'mmseg'), _test_args(config, '--out', 'pred_dir'))
     assert cfg.test_evaluator.output_dir == 'pred_dir'
     assert cfg.test_evaluator.keep_results is True
     with pytest.raises(ToolError, match='.pkl'):
-        apply_test_args(
-            _scoped_cfg(config, 'mmdet'), _test_args(config, '--out', 'x.json'))
+        apply_test_args(_scoped_cfg(config, 'mmdet'), _test_args(config, '--out', 'x.json'))
 
 
 def test_tta_mmpretrain_defaults(toy):

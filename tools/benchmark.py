@@ -29,10 +29,15 @@ import time
 
 import torch
 
-WORKLOADS = {'det': dict(batch_size=2, input_size=(800, 1216)),
-             'cls': dict(batch_size=16, input_size=(224, 224))}
-MODELS = {'resnet18': ('plain', 'dbb', 'orepa'), 'resnet50': ('plain', 'dbb', 'orepa'),
-          'repvgg_a0': ('plain', 'orepa')}
+WORKLOADS = {
+    'det': dict(batch_size=2, input_size=(800, 1216)),
+    'cls': dict(batch_size=16, input_size=(224, 224))
+}
+MODELS = {
+    'resnet18': ('plain', 'dbb', 'orepa'),
+    'resnet50': ('plain', 'dbb', 'orepa'),
+    'repvgg_a0': ('plain', 'orepa')
+}
 
 
 def build_backbone(model: str, variant: str, workload: str):
@@ -40,13 +45,18 @@ def build_backbone(model: str, variant: str, workload: str):
     import orepa_mm  # noqa: F401  (registers OREPA / DBB)
     if model.startswith('resnet'):
         from mmdet.models.backbones import ResNet
+
         from orepa_mm.models.backbones.for_mmdet import OREPAResNet
-        kwargs = dict(depth=int(model[len('resnet'):]), norm_eval=False, frozen_stages=-1,
-                      out_indices=(0, 1, 2, 3) if workload == 'det' else (3, ))
+        kwargs = dict(
+            depth=int(model[len('resnet'):]),
+            norm_eval=False,
+            frozen_stages=-1,
+            out_indices=(0, 1, 2, 3) if workload == 'det' else (3, ))
         if variant == 'orepa':
             return OREPAResNet(**kwargs)
         return ResNet(conv_cfg=dict(type='DBB') if variant == 'dbb' else None, **kwargs)
     from mmpretrain.models.backbones import RepVGG
+
     from orepa_mm.models.backbones.for_mmpretrain import OREPAVGG
     kwargs = dict(arch='A0', out_indices=(0, 1, 2, 3) if workload == 'det' else (3, ))
     return OREPAVGG(**kwargs) if variant == 'orepa' else RepVGG(**kwargs)
@@ -96,8 +106,9 @@ def timed(fn, steps, warmup, device):
 def _inputs(args, device, variant=None):
     """The wrapped model (``variant``, default the worker's) and a seeded input batch."""
     torch.manual_seed(0)
-    model = Wrapped(build_backbone(args.model, variant or args.variant, args.workload), 1000,
-                    args.workload == 'cls').to(device)
+    model = Wrapped(
+        build_backbone(args.model, variant or args.variant, args.workload), 1000,
+        args.workload == 'cls').to(device)
     h, w = args.input_size
     x = torch.randn(args.batch_size, 3, h, w, device=device)
     target = torch.randint(0, 1000, (args.batch_size, ), device=device)
@@ -126,8 +137,11 @@ def run_train_worker(args) -> dict:
     model.train()
     train_s = timed(train_step, args.steps, args.warmup, device)
     peak = peak_memory_mb(device)
-    return dict(train_step_s=train_s, peak_memory_mb=peak, train_memory_mb=peak - rss_before,
-                params=sum(p.numel() for p in model.parameters()))
+    return dict(
+        train_step_s=train_s,
+        peak_memory_mb=peak,
+        train_memory_mb=peak - rss_before,
+        params=sum(p.numel() for p in model.parameters()))
 
 
 def run_eval_worker(args) -> dict:
@@ -152,9 +166,13 @@ def run_eval_worker(args) -> dict:
             if hasattr(net.backbone, 'switch_to_deploy'):  # the stock RepVGG's own fusion
                 net.backbone.switch_to_deploy()
     regenerated = copy.deepcopy(model)
-    nets = {'eval_plain_s': plain, 'eval_unconverted_s': model,
-            'eval_regenerated_s': regenerated,
-            'eval_plain_deployed_s': plain_deployed, 'eval_deployed_s': deployed}
+    nets = {
+        'eval_plain_s': plain,
+        'eval_unconverted_s': model,
+        'eval_regenerated_s': regenerated,
+        'eval_plain_deployed_s': plain_deployed,
+        'eval_deployed_s': deployed
+    }
     with torch.no_grad(), cached_kernels(model):  # what ReparamKernelCacheHook does
         for net in nets.values():
             net.eval()
@@ -168,8 +186,11 @@ def run_eval_worker(args) -> dict:
 
 
 def environment(device: str) -> dict:
-    env = dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-               cpu=platform.processor() or platform.machine())
+    env = dict(
+        device=device,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine())
     if device.startswith('cuda') and torch.cuda.is_available():
         env['gpu'] = torch.cuda.get_device_name(0)
     return env
@@ -187,15 +208,16 @@ def _eval_columns(r) -> str:
 
 def print_table(results, env):
     print(f"\n{env}")
-    header = (f'{"workload":<9}{"model":<10}{"mode":<9}{"variant":<8}{"train s":>9}{"x":>7}{"mem MB":>9}'
-              f'{"x":>7}{"eval s":>9}{"x":>7}{"regen x":>9}{"deploy s":>9}{"x":>7}'
-              f'{"params M":>10}')
+    header = (
+        f'{"workload":<9}{"model":<10}{"mode":<9}{"variant":<8}{"train s":>9}{"x":>7}{"mem MB":>9}'
+        f'{"x":>7}{"eval s":>9}{"x":>7}{"regen x":>9}{"deploy s":>9}{"x":>7}'
+        f'{"params M":>10}')
     print(header)
     print('-' * len(header))
     for r in results:
-        base = next(b for b in results if b['workload'] == r['workload']
-                    and b['model'] == r['model'] and b['mode'] == r['mode']
-                    and b['variant'] == 'plain')
+        base = next(b for b in results
+                    if b['workload'] == r['workload'] and b['model'] == r['model']
+                    and b['mode'] == r['mode'] and b['variant'] == 'plain')
         print(f"{r['workload']:<9}{r['model']:<10}{r['mode']:<9}{r['variant']:<8}"
               f"{r['train_step_s']:>9.3f}{r['train_step_s'] / base['train_step_s']:>6.2f}x"
               f"{r['peak_memory_mb']:>9.0f}{r['peak_memory_mb'] / base['peak_memory_mb']:>6.2f}x"
@@ -204,8 +226,7 @@ def print_table(results, env):
           'x: ratio to the plain model as trained (deployed), timed alternately in the same '
           'process; eval: kernels generated once (validation, ReparamKernelCacheHook); regen: '
           'kernels generated every forward.')
-    eager = {(r['workload'], r['model'], r['variant']): r for r in results
-             if r['mode'] == 'eager'}
+    eager = {(r['workload'], r['model'], r['variant']): r for r in results if r['mode'] == 'eager'}
     for r in results:
         e = eager.get((r['workload'], r['model'], r['variant']))
         if r['mode'] == 'compiled' and e:
@@ -229,8 +250,11 @@ def plot(results, path):
             for r in rows:
                 labels.append(f"{workload}\n{model}\n{r['variant']}")
                 values.append(r[key] / base)
-                colours.append({'plain': 'grey', 'dbb': 'tab:red',
-                                'orepa': 'tab:blue'}[r['variant']])
+                colours.append({
+                    'plain': 'grey',
+                    'dbb': 'tab:red',
+                    'orepa': 'tab:blue'
+                }[r['variant']])
         ax.bar(range(len(values)), values, color=colours)
         ax.axhline(1.0, color='black', linewidth=0.8)
         ax.set_xticks(range(len(values)), labels, fontsize=7)
@@ -256,12 +280,19 @@ def main(argv=None):
     parser.add_argument('--workloads', nargs='+', default=['det', 'cls'], choices=WORKLOADS)
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=MODELS)
     parser.add_argument('--variants', nargs='+', default=['plain', 'dbb', 'orepa'])
-    parser.add_argument('--batch-size', nargs='+', default=[], metavar='[WORKLOAD=]N',
-                        help='overrides the workload defaults: N for all, or e.g. cls=64 det=2')
+    parser.add_argument(
+        '--batch-size',
+        nargs='+',
+        default=[],
+        metavar='[WORKLOAD=]N',
+        help='overrides the workload defaults: N for all, or e.g. cls=64 det=2')
     parser.add_argument('--modes', nargs='+', default=['eager'], choices=('eager', 'compiled'))
     parser.add_argument('--compile-backend', default='inductor')
-    parser.add_argument('--compiled-variants', nargs='+', default=['plain', 'dbb', 'orepa'],
-                        help='variants also timed compiled (train step only; plain always)')
+    parser.add_argument(
+        '--compiled-variants',
+        nargs='+',
+        default=['plain', 'dbb', 'orepa'],
+        help='variants also timed compiled (train step only; plain always)')
     parser.add_argument('--compiled', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'))
     parser.add_argument('--steps', type=int, default=5)
@@ -291,17 +322,27 @@ def main(argv=None):
                 if (mode == 'compiled' and variant not in args.compiled_variants
                         and variant != 'plain'):
                     continue
-                print(f'[benchmark] {workload} {model} {variant} {mode} (batch {batch}, {size})',
-                      flush=True)
-                result = dict(model=model, variant=variant, workload=workload, mode=mode,
-                              batch_size=batch, input_size=list(size))
+                print(
+                    f'[benchmark] {workload} {model} {variant} {mode} (batch {batch}, {size})',
+                    flush=True)
+                result = dict(
+                    model=model,
+                    variant=variant,
+                    workload=workload,
+                    mode=mode,
+                    batch_size=batch,
+                    input_size=list(size))
                 # Compiled: the training step only (eval is the eager in-process comparison).
                 for phase in ('train', 'eval') if mode == 'eager' else ('train', ):
-                    cmd = [sys.executable, os.path.abspath(__file__), '--worker', phase,
-                           '--model', model, '--variant', variant, '--workload', workload,
-                           '--batch-size', str(batch), '--input-size', *map(str, size),
-                           '--steps', str(args.steps), '--warmup', str(args.warmup),
-                           '--device', args.device, '--compile-backend', args.compile_backend]
+                    cmd = [
+                        sys.executable,
+                        os.path.abspath(__file__), '--worker', phase, '--model', model, '--variant',
+                        variant, '--workload', workload, '--batch-size',
+                        str(batch), '--input-size', *map(str, size), '--steps',
+                        str(args.steps), '--warmup',
+                        str(args.warmup), '--device', args.device, '--compile-backend',
+                        args.compile_backend
+                    ]
                     cmd += ['--compiled'] if mode == 'compiled' else []
                     out = subprocess.run(cmd, capture_output=True, text=True)
                     if out.returncode != 0:

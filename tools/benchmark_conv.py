@@ -86,10 +86,14 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--variants', nargs='+', default=['plain', 'dbb', 'orepa'])
-    parser.add_argument('--compile', action='store_true',
-                        help='time one OREPA layer under torch.compile against eager instead')
-    parser.add_argument('--compile-backend', default='inductor',
-                        help='torch.compile backend for --compile (default: inductor)')
+    parser.add_argument(
+        '--compile',
+        action='store_true',
+        help='time one OREPA layer under torch.compile against eager instead')
+    parser.add_argument(
+        '--compile-backend',
+        default='inductor',
+        help='torch.compile backend for --compile (default: inductor)')
     args = parser.parse_args()
     if args.compile:
         return benchmark_compile(args)

@@ -42,8 +42,11 @@ VARIANTS = ('plain + DDP', 'OREPA + DDP', 'OREPA + OREPA-DDP')
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--models', nargs='+', default=['resnet18', 'resnet50'],
-                        choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'])
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        default=['resnet18', 'resnet50'],
+        choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'])
     parser.add_argument('--width', type=int, default=64, help='base_channels (64: standard)')
     parser.add_argument('--input-size', type=int, default=64)
     parser.add_argument('--batch-size', type=int, default=2, help='per process')
@@ -86,13 +89,14 @@ class Classifier(torch.nn.Module):
 
 
 def build(model: str, orepa: bool, width: int):
-    import orepa_mm  # noqa: F401
     from mmdet.models.backbones import ResNet
+
+    import orepa_mm  # noqa: F401
     from orepa_mm.models.backbones.for_mmdet import OREPAResNet
     depth = int(model[len('resnet'):])
     torch.manual_seed(0)
-    backbone = (OREPAResNet if orepa else ResNet)(depth=depth, base_channels=width,
-                                                  out_indices=(3, ), norm_eval=False)
+    backbone = (OREPAResNet if orepa else ResNet)(
+        depth=depth, base_channels=width, out_indices=(3, ), norm_eval=False)
     expansion = 1 if depth < 50 else 4
     return Classifier(backbone, width * 8 * expansion)
 
@@ -104,9 +108,9 @@ def numel(tensors) -> int:
 def _worker(rank, world, init_file, args, out_file):
     import torch.distributed as dist
     torch.set_num_threads(args.threads)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                            world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel
+
     from orepa_mm.engine import OREPADistributedDataParallel
     results = []
     for model_name in args.models:
@@ -118,16 +122,24 @@ def _worker(rank, world, init_file, args, out_file):
                 wrapper = OREPADistributedDataParallel(model, forward_sync_buffers=False)
                 layers = wrapper._kernel_reducer.layers
                 kernel = sum(s.numel() for s in wrapper._kernel_reducer.shapes)
-                branch = numel({id(p): p for layer in layers
+                branch = numel({id(p): p
+                                for layer in layers
                                 for p in layer.kernel_parameters()}.values())
                 reduced = numel(params) - branch + kernel
             else:
                 wrapper = DistributedDataParallel(model, forward_sync_buffers=False)
                 reduced = numel(params)
             optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-            runs[variant] = dict(model=model, wrapper=wrapper, optimizer=optimizer,
-                                 params=numel(model.parameters()), reduced=reduced,
-                                 times=[], cpu=[], bytes=[], lo=[])
+            runs[variant] = dict(
+                model=model,
+                wrapper=wrapper,
+                optimizer=optimizer,
+                params=numel(model.parameters()),
+                reduced=reduced,
+                times=[],
+                cpu=[],
+                bytes=[],
+                lo=[])
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen)
         y = torch.randint(0, 10, (args.batch_size, ), generator=gen)
@@ -156,13 +168,17 @@ def _worker(rank, world, init_file, args, out_file):
                     run['lo'].append(l1 - l0)
         for variant in VARIANTS:
             run = runs[variant]
-            results.append(dict(
-                model=model_name, variant=variant, parameters=run['params'],
-                gradient_bytes=4 * run['reduced'],
-                bytes_per_step=int(statistics.median(run['bytes'])),
-                loopback_tx_per_rank=int(statistics.median(run['lo']) / 2),
-                step_time_s=statistics.median(run['times']), step_times_s=run['times'],
-                cpu_time_s=statistics.median(run['cpu'])))
+            results.append(
+                dict(
+                    model=model_name,
+                    variant=variant,
+                    parameters=run['params'],
+                    gradient_bytes=4 * run['reduced'],
+                    bytes_per_step=int(statistics.median(run['bytes'])),
+                    loopback_tx_per_rank=int(statistics.median(run['lo']) / 2),
+                    step_time_s=statistics.median(run['times']),
+                    step_times_s=run['times'],
+                    cpu_time_s=statistics.median(run['cpu'])))
         del runs
     if rank == 0:
         with open(out_file, 'w') as f:
@@ -177,11 +193,18 @@ def bandwidth_model(results, nodes, gpus_per_node, link_gbps):
         by = {r['variant']: r for r in results if r['model'] == model}
         for gbps in link_gbps:
             seconds = {v: factor * by[v]['bytes_per_step'] / (gbps * 1e9 / 8) for v in by}
-            rows.append(dict(model=model, link_gbps=gbps, nodes=nodes,
-                             gpus_per_node=gpus_per_node,
-                             allreduce_ms={v: 1e3 * s for v, s in seconds.items()},
-                             saved_ms_per_step=1e3 * (seconds['OREPA + DDP']
-                                                      - seconds['OREPA + OREPA-DDP'])))
+            rows.append(
+                dict(
+                    model=model,
+                    link_gbps=gbps,
+                    nodes=nodes,
+                    gpus_per_node=gpus_per_node,
+                    allreduce_ms={
+                        v: 1e3 * s
+                        for v, s in seconds.items()
+                    },
+                    saved_ms_per_step=1e3 *
+                    (seconds['OREPA + DDP'] - seconds['OREPA + OREPA-DDP'])))
     return rows
 
 
@@ -220,8 +243,7 @@ def main(argv=None):
               f' per step -> saves {row["saved_ms_per_step"]:.1f} ms per step')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(args=vars(args), results=results, bandwidth_model=model), f,
-                      indent=1)
+            json.dump(dict(args=vars(args), results=results, bandwidth_model=model), f, indent=1)
 
 
 if __name__ == '__main__':

@@ -30,7 +30,8 @@ def parse_args(argv=None):
 
 def _training_step(model, x):
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=1e-4,
                                 momentum=0.9)
 
     def step():
@@ -45,8 +46,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import orepa_mm  # noqa: F401
     from mmdet.models.backbones import ResNet
+
+    import orepa_mm  # noqa: F401
     from orepa_mm.models.backbones.for_mmdet import OREPAResNet
 
     kwargs = dict(depth=args.depth, norm_eval=True)
@@ -55,8 +57,8 @@ def main(argv=None):
     x = torch.randn(args.batch_size, 3, *args.input_size)
     variants = {
         f'plain, frozen_stages={frozen}': _training_step(ResNet(frozen_stages=frozen, **kwargs), x),
-        f'orepa, frozen_stages={frozen}': _training_step(
-            OREPAResNet(frozen_stages=frozen, **kwargs), x),
+        f'orepa, frozen_stages={frozen}':
+        _training_step(OREPAResNet(frozen_stages=frozen, **kwargs), x),
         'plain, frozen_stages=-1': _training_step(ResNet(frozen_stages=-1, **kwargs), x),
         'orepa, frozen_stages=-1': _training_step(OREPAResNet(frozen_stages=-1, **kwargs), x),
     }
@@ -74,8 +76,8 @@ def main(argv=None):
     for name, median in medians.items():
         print(f'  {name:28s} {median:7.3f} s  {median / base:5.3f}x plain')
     for variant in ('plain', 'orepa'):
-        saving = (medians[f"{variant}, frozen_stages=-1"]
-                  - medians[f"{variant}, frozen_stages={frozen}"])
+        saving = (
+            medians[f"{variant}, frozen_stages=-1"] - medians[f"{variant}, frozen_stages={frozen}"])
         print(f'  saving of frozen_stages={frozen} in the {variant} model: {saving:.3f} s per step')
 
 

@@ -8,9 +8,9 @@ from the keys; the classifier head is dropped and reported. A file that is not a
 checkpoint, or that does not map completely, is refused: one sentence on stderr, exit status 2,
 nothing written. A checkpoint mmengine or orepa_mm wrote (a runner checkpoint from
 tools/train.py, this tool's own output, a deployed checkpoint) is named as such: those need no
-conversion. DST follows the tools' write policy (``orepa_mm.utils.atomic_write``): checked before the
-source is read, written beside itself and moved into place; an existing DST is replaced only
-by a complete new file (and the tool says so).
+conversion. DST follows the tools' write policy (``orepa_mm.utils.atomic_write``): checked
+before the source is read, written beside itself and moved into place; an existing DST is
+replaced only by a complete new file (and the tool says so).
 """
 import argparse
 import os
@@ -24,11 +24,11 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated', categor
 import torch  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  (registers the backbones the check builds)
+from orepa_mm.apis.official_checkpoint import OfficialCheckpointError, convert_official_state_dict
+from orepa_mm.utils.atomic_write import OutputSet
 from orepa_mm.utils.checkpoint_check import describe_checkpoint  # noqa: E402
 from orepa_mm.utils.checkpoint_io import UnsafeCheckpointError, load_from_local  # noqa: E402
-from orepa_mm.apis.official_checkpoint import OfficialCheckpointError, convert_official_state_dict
 from orepa_mm.utils.errors import OrepaInputError, check_readable_file, run_tool
-from orepa_mm.utils.atomic_write import OutputSet
 
 EXPECTED = ("this tool converts the authors' ImageNet checkpoints (ResNet-50_OREPA.pth.tar and "
             "the like: a state_dict of 'module.stage0...' tensors)")
@@ -47,11 +47,14 @@ def fail(message: str):
 
 # What to do instead, by the kind describe_checkpoint() names.
 NO_CONVERSION = {
-    'runner': 'which needs no conversion: pass it to tools/test.py or tools/reparameterize.py, '
-                'or use it as load_from',
-    'deployed': 'which needs no conversion: use it as is with its deploy_config.py',
-    'converted': "which needs no further conversion: use it as is with "
-                "init_cfg=dict(type='Pretrained', checkpoint=...)",
+    'runner':
+    'which needs no conversion: pass it to tools/test.py or tools/reparameterize.py, '
+    'or use it as load_from',
+    'deployed':
+    'which needs no conversion: use it as is with its deploy_config.py',
+    'converted':
+    "which needs no further conversion: use it as is with "
+    "init_cfg=dict(type='Pretrained', checkpoint=...)",
 }
 
 

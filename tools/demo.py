@@ -44,8 +44,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers the OREPA modules
 from orepa_mm.apis import ReparameterizeError, reparameterize_checkpoint  # noqa: E402
-from orepa_mm.utils.text_table import format_rows, human_number  # noqa: E402
 from orepa_mm.utils.data_check import MissingDatasetError, check_dataset_paths  # noqa: E402
+from orepa_mm.utils.text_table import format_rows, human_number  # noqa: E402
 from demo_dataset import DemoDatasetSpec, ensure_demo_dataset  # noqa: E402
 
 DET_CONFIG = osp.join(REPO, 'configs', 'demo', 'faster_rcnn_orepa_r18_demo.py')
@@ -63,11 +63,13 @@ class TaskSpec:
     tolerance: float  # largest accepted |before - after| (metrics are rounded by the library)
 
 
-DET_TASK = TaskSpec('faster_rcnn', DET_CONFIG,
-                    ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75'),
-                    min_headline=0.05, tolerance=1e-3)
-SEG_TASK = TaskSpec('pspnet', SEG_CONFIG, ('mIoU', 'aAcc', 'mAcc'), min_headline=20.0,
-                    tolerance=1e-2)
+DET_TASK = TaskSpec(
+    'faster_rcnn',
+    DET_CONFIG, ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75'),
+    min_headline=0.05,
+    tolerance=1e-3)
+SEG_TASK = TaskSpec(
+    'pspnet', SEG_CONFIG, ('mIoU', 'aAcc', 'mAcc'), min_headline=20.0, tolerance=1e-2)
 
 
 @dataclass
@@ -95,8 +97,9 @@ class TaskResult:
 
     @property
     def metrics_equal(self) -> bool:
-        return all(abs(self.before[k] - self.after[k]) <= self.tolerance
-                   for k in self.metric_names if k in self.before)
+        return all(
+            abs(self.before[k] - self.after[k]) <= self.tolerance for k in self.metric_names
+            if k in self.before)
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -131,7 +134,9 @@ def use_data_root(cfg: Config, data_root: str) -> None:
             evaluator.ann_file = osp.join(new, osp.relpath(evaluator.ann_file, old))
 
 
-def load_demo_config(config: str, data_root: str, work_dir: str,
+def load_demo_config(config: str,
+                     data_root: str,
+                     work_dir: str,
                      cfg_options: Optional[dict] = None) -> Config:
     cfg = Config.fromfile(config)
     if cfg_options:
@@ -159,7 +164,8 @@ def _numbers(metrics: dict) -> Dict[str, float]:
 
 # ---------------------------------------------------------------------------------- timing
 @torch.no_grad()
-def time_inference(models: Dict[str, torch.nn.Module], batches: list,
+def time_inference(models: Dict[str, torch.nn.Module],
+                   batches: list,
                    rounds: int = 3) -> Dict[str, float]:
     """Milliseconds per image of each model on the same batches.
 
@@ -182,8 +188,12 @@ def time_inference(models: Dict[str, torch.nn.Module], batches: list,
 
 
 # ------------------------------------------------------------------------------------ task
-def run_task(task: TaskSpec, data_root: str, work_dir: str, cfg_options: Optional[dict] = None,
-             timing_batches: int = 4, timing_rounds: int = 3) -> TaskResult:
+def run_task(task: TaskSpec,
+             data_root: str,
+             work_dir: str,
+             cfg_options: Optional[dict] = None,
+             timing_batches: int = 4,
+             timing_rounds: int = 3) -> TaskResult:
     """Train, evaluate, re-parameterize and re-evaluate one demo model."""
     cfg = load_demo_config(task.config, data_root, work_dir, cfg_options)
     check_dataset_paths(cfg)
@@ -216,20 +226,34 @@ def run_task(task: TaskSpec, data_root: str, work_dir: str, cfg_options: Optiona
             if len(batches) == timing_batches:
                 break
         images = sum(len(b['inputs']) for b in batches)
-        print_log(f'timing inference on {images} images, {timing_rounds} alternating rounds',
-                  logger='current')
-        ms_per_image = time_inference(
-            {'unconverted': runner.model, 'deployed': deploy_runner.model}, batches,
-            timing_rounds)
+        print_log(
+            f'timing inference on {images} images, {timing_rounds} alternating rounds',
+            logger='current')
+        ms_per_image = time_inference({
+            'unconverted': runner.model,
+            'deployed': deploy_runner.model
+        }, batches, timing_rounds)
 
     return TaskResult(
-        name=task.name, work_dir=work_dir, config=train_config, checkpoint=checkpoint,
-        deploy_config=result.deploy_config, deploy_checkpoint=result.deploy_checkpoint,
-        before=before, after=after, train_cost=dict(result.train_cost),
-        deploy_cost=dict(result.deploy_cost), input_size=tuple(result.input_size),
-        num_reparameterized=result.num_reparameterized, max_rel_error=result.max_rel_error,
-        train_seconds=train_seconds, losses=losses, ms_per_image=ms_per_image,
-        timing_images=images, metric_names=tuple(task.metrics), tolerance=task.tolerance)
+        name=task.name,
+        work_dir=work_dir,
+        config=train_config,
+        checkpoint=checkpoint,
+        deploy_config=result.deploy_config,
+        deploy_checkpoint=result.deploy_checkpoint,
+        before=before,
+        after=after,
+        train_cost=dict(result.train_cost),
+        deploy_cost=dict(result.deploy_cost),
+        input_size=tuple(result.input_size),
+        num_reparameterized=result.num_reparameterized,
+        max_rel_error=result.max_rel_error,
+        train_seconds=train_seconds,
+        losses=losses,
+        ms_per_image=ms_per_image,
+        timing_images=images,
+        metric_names=tuple(task.metrics),
+        tolerance=task.tolerance)
 
 
 # ----------------------------------------------------------------------------------- table
@@ -242,16 +266,16 @@ def format_table(res: TaskResult, title: str, threads: int) -> str:
         same = 'equal' if abs(a - b) <= res.tolerance else f'DIFFERENT ({a - b:+.4f})'
         rows.append((key, f'{b:.4f}', f'{a:.4f}', same))
     h, w = res.input_size
-    for key, label in (('params', 'parameters (model)'),
-                       ('feature_params', 'parameters (backbone+neck)'),
+    for key, label in (('params', 'parameters (model)'), ('feature_params',
+                                                          'parameters (backbone+neck)'),
                        ('flops', f'FLOPs (backbone+neck, {h}x{w})')):
         t, d = res.train_cost.get(key), res.deploy_cost.get(key)
         ratio = f'{d / t:.2f}x' if t and d else ''
         rows.append((label, human_number(t), human_number(d), ratio))
     if res.ms_per_image:
         t, d = res.ms_per_image['unconverted'], res.ms_per_image['deployed']
-        rows.append((f'inference ms/image ({res.timing_images} images, {threads} thr.)',
-                     f'{t:.1f}', f'{d:.1f}', f'deployed/unconverted {d / t:.2f}x'))
+        rows.append((f'inference ms/image ({res.timing_images} images, {threads} thr.)', f'{t:.1f}',
+                     f'{d:.1f}', f'deployed/unconverted {d / t:.2f}x'))
     lines = [title, '=' * len(title)]
     lines += format_rows(rows)
     if res.ms_per_image:
@@ -275,18 +299,26 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='OREPA demo: train, evaluate, re-parameterize and re-evaluate on the '
         'synthetic shapes dataset (CPU, minutes).')
-    parser.add_argument('--data-root', default=osp.join(REPO, DEFAULT_DATA_ROOT),
-                        help='where the synthetic dataset is (generated when missing)')
-    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'demo'),
-                        help='checkpoints, logs and deployed models go here')
-    parser.add_argument('--skip-seg', action='store_true',
-                        help='only the detector (skip the PSPNet segmentor)')
-    parser.add_argument('--threads', default='auto',
-                        help="torch CPU threads; 'auto': the cores other processes leave free")
-    parser.add_argument('--only-data', action='store_true',
-                        help='generate the dataset and stop')
-    parser.add_argument('--timing-batches', type=int, default=4,
-                        help='test batches (of 8 images) for the inference timing; 0: no timing')
+    parser.add_argument(
+        '--data-root',
+        default=osp.join(REPO, DEFAULT_DATA_ROOT),
+        help='where the synthetic dataset is (generated when missing)')
+    parser.add_argument(
+        '--work-dir',
+        default=osp.join(REPO, 'work_dirs', 'demo'),
+        help='checkpoints, logs and deployed models go here')
+    parser.add_argument(
+        '--skip-seg', action='store_true', help='only the detector (skip the PSPNet segmentor)')
+    parser.add_argument(
+        '--threads',
+        default='auto',
+        help="torch CPU threads; 'auto': the cores other processes leave free")
+    parser.add_argument('--only-data', action='store_true', help='generate the dataset and stop')
+    parser.add_argument(
+        '--timing-batches',
+        type=int,
+        default=4,
+        help='test batches (of 8 images) for the inference timing; 0: no timing')
     return parser.parse_args(argv)
 
 
@@ -314,17 +346,28 @@ def main(argv=None) -> int:
     tables, ok = [], True
     for task, title in tasks:
         try:
-            res = run_task(task, data_root, osp.join(osp.abspath(args.work_dir), task.name),
-                           timing_batches=args.timing_batches)
+            res = run_task(
+                task,
+                data_root,
+                osp.join(osp.abspath(args.work_dir), task.name),
+                timing_batches=args.timing_batches)
         except (MissingDatasetError, ReparameterizeError) as err:
             print(f'demo failed ({task.name}): {err}', file=sys.stderr)
             return 1
         tables.append(format_table(res, title, threads))
         with open(osp.join(res.work_dir, 'demo_result.json'), 'w') as f:
-            json.dump(dict(before=res.before, after=res.after, train_cost=res.train_cost,
-                           deploy_cost=res.deploy_cost, ms_per_image=res.ms_per_image,
-                           checkpoint=res.checkpoint, deploy_checkpoint=res.deploy_checkpoint,
-                           deploy_config=res.deploy_config), f, indent=1)
+            json.dump(
+                dict(
+                    before=res.before,
+                    after=res.after,
+                    train_cost=res.train_cost,
+                    deploy_cost=res.deploy_cost,
+                    ms_per_image=res.ms_per_image,
+                    checkpoint=res.checkpoint,
+                    deploy_checkpoint=res.deploy_checkpoint,
+                    deploy_config=res.deploy_config),
+                f,
+                indent=1)
         headline = res.before.get(task.metrics[0], 0.0)
         if headline < task.min_headline:
             tables.append(f'FAILED: {task.metrics[0]} {headline:.4f} < {task.min_headline}: the '

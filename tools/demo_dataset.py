@@ -31,8 +31,10 @@ import numpy as np
 
 from orepa_mm.utils.atomic_write import OutputSet
 
-__all__ = ['CLASSES', 'SEG_CLASSES', 'DET_METAINFO', 'SEG_METAINFO', 'DemoDatasetSpec',
-           'generate_demo_dataset', 'ensure_demo_dataset', 'draw_sample']
+__all__ = [
+    'CLASSES', 'SEG_CLASSES', 'DET_METAINFO', 'SEG_METAINFO', 'DemoDatasetSpec',
+    'generate_demo_dataset', 'ensure_demo_dataset', 'draw_sample'
+]
 
 FORMAT_VERSION = 2  # bump whenever the files drawn for a spec change
 CLASSES = ('circle', 'square', 'triangle', 'star')
@@ -45,8 +47,8 @@ SEG_METAINFO = dict(classes=SEG_CLASSES, palette=[(0, 0, 0)] + PALETTE)
 # Object colours (RGB). Class k's own colours are k and k + 4; with probability
 # ``colour_hint`` an object wears one of them, otherwise any of the eight, so colour is a hint
 # that speeds up learning but only the shape tells the class of every object.
-COLOURS = np.array([(230, 40, 40), (40, 190, 60), (50, 80, 230), (240, 210, 40),
-                    (200, 60, 210), (40, 200, 210), (245, 140, 30), (235, 235, 235)],
+COLOURS = np.array([(230, 40, 40), (40, 190, 60), (50, 80, 230), (240, 210, 40), (200, 60, 210),
+                    (40, 200, 210), (245, 140, 30), (235, 235, 235)],
                    dtype=np.float32)
 
 
@@ -103,8 +105,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
             cv2.circle(img, p1, int(rng.integers(1, 4)), colour, -1, cv2.LINE_AA)
         else:
             axes = (int(rng.integers(8, 40)), int(rng.integers(1, 3)))
-            cv2.ellipse(img, p1, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1,
-                        cv2.LINE_AA)
+            cv2.ellipse(img, p1, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
     return img
 
 
@@ -129,15 +130,20 @@ def _shape_mask(label: int, centre, radius: float, angle: float, size: int) -> n
     mask = np.zeros((size, size), np.uint8)
     poly = _polygon(label, centre, radius, angle)
     if poly is None:
-        cv2.circle(mask, (int(round(centre[0] * 8)), int(round(centre[1] * 8))),
-                   int(round(radius * 8)), 1, -1, cv2.LINE_8, shift=3)
+        cv2.circle(
+            mask, (int(round(centre[0] * 8)), int(round(centre[1] * 8))),
+            int(round(radius * 8)),
+            1,
+            -1,
+            cv2.LINE_8,
+            shift=3)
     else:
         cv2.fillPoly(mask, [np.round(poly * 8).astype(np.int32)], 1, cv2.LINE_8, shift=3)
     return mask.astype(bool)
 
 
-def draw_sample(rng: np.random.Generator, spec: DemoDatasetSpec
-                ) -> Tuple[np.ndarray, List[Dict], np.ndarray]:
+def draw_sample(rng: np.random.Generator,
+                spec: DemoDatasetSpec) -> Tuple[np.ndarray, List[Dict], np.ndarray]:
     """One image: ``(uint8 RGB image, objects, uint8 label map)``.
 
     ``objects`` are dicts with ``label`` (0-based class), ``mask`` (bool, visible part),
@@ -157,8 +163,8 @@ def draw_sample(rng: np.random.Generator, spec: DemoDatasetSpec
         diameter = math.exp(rng.uniform(math.log(spec.min_size), math.log(spec.max_size)))
         radius = diameter / 2
         margin = radius * 0.6
-        centre = (float(rng.uniform(margin, size - margin)),
-                  float(rng.uniform(margin, size - margin)))
+        centre = (float(rng.uniform(margin,
+                                    size - margin)), float(rng.uniform(margin, size - margin)))
         mask = _shape_mask(label, centre, radius, float(rng.uniform(0, 2 * np.pi)), size)
         area = int(mask.sum())
         if area < 0.2 * spec.min_size**2:  # mostly outside the image
@@ -200,9 +206,13 @@ def draw_sample(rng: np.random.Generator, spec: DemoDatasetSpec
         if len(xs) == 0:
             continue
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        objects.append(dict(label=obj['label'], mask=obj['visible'],
-                            bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                            visible_fraction=len(xs) / obj['area']))
+        objects.append(
+            dict(
+                label=obj['label'],
+                mask=obj['visible'],
+                bbox=[float(x0), float(y0), float(x1 - x0),
+                      float(y1 - y0)],
+                visible_fraction=len(xs) / obj['area']))
     return img, objects, labels
 
 
@@ -235,32 +245,43 @@ def _write_split(root: str, split: str, num: int, spec: DemoDatasetSpec,
     for idx in range(num):
         img, objects, labels = draw_sample(rng, spec)
         name = f'{idx:06d}'
-        cv2.imwrite(osp.join(img_dir, name + '.jpg'), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(
+            osp.join(img_dir, name + '.jpg'), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, 95])
         cv2.imwrite(osp.join(seg_dir, name + '.png'), labels)
         image_id = idx + 1
-        images.append(dict(id=image_id, file_name=name + '.jpg', width=spec.img_size,
-                           height=spec.img_size))
+        images.append(
+            dict(id=image_id, file_name=name + '.jpg', width=spec.img_size, height=spec.img_size))
         for obj in objects:
             polygons = _mask_polygons(obj['mask'])
             if not polygons:
                 continue
-            annotations.append(dict(id=len(annotations) + 1, image_id=image_id,
-                                    category_id=obj['label'] + 1, bbox=obj['bbox'],
-                                    area=float(obj['mask'].sum()), segmentation=polygons,
-                                    iscrowd=0))
-    categories = [dict(id=i + 1, name=name, supercategory='shape')
-                  for i, name in enumerate(CLASSES)]
-    coco = dict(info=dict(description=f'orepa_mm synthetic shapes ({split})',
-                          version=str(spec.version)),
-                images=images, annotations=annotations, categories=categories, licenses=[])
+            annotations.append(
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=image_id,
+                    category_id=obj['label'] + 1,
+                    bbox=obj['bbox'],
+                    area=float(obj['mask'].sum()),
+                    segmentation=polygons,
+                    iscrowd=0))
+    categories = [
+        dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(CLASSES)
+    ]
+    coco = dict(
+        info=dict(description=f'orepa_mm synthetic shapes ({split})', version=str(spec.version)),
+        images=images,
+        annotations=annotations,
+        categories=categories,
+        licenses=[])
     os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
     with open(osp.join(root, 'annotations', f'instances_{split}.json'), 'w') as f:
         json.dump(coco, f)
     return dict(images=len(images), objects=len(annotations))
 
 
-def generate_demo_dataset(root: str = 'data/demo', spec: Optional[DemoDatasetSpec] = None,
+def generate_demo_dataset(root: str = 'data/demo',
+                          spec: Optional[DemoDatasetSpec] = None,
                           **kwargs) -> Dict:
     """Draw the dataset into ``root`` (replacing what is there) and return its ``meta.json``.
 
@@ -275,17 +296,20 @@ def generate_demo_dataset(root: str = 'data/demo', spec: Optional[DemoDatasetSpe
     with outputs.write() as staged:
         tmp = staged[root]
         # train and val come from independent streams of the same seed
-        train_rng, val_rng = [np.random.default_rng(s)
-                              for s in np.random.SeedSequence(spec.seed).spawn(2)]
-        counts = dict(train=_write_split(tmp, 'train', spec.num_train, spec, train_rng),
-                      val=_write_split(tmp, 'val', spec.num_val, spec, val_rng))
+        train_rng, val_rng = [
+            np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(2)
+        ]
+        counts = dict(
+            train=_write_split(tmp, 'train', spec.num_train, spec, train_rng),
+            val=_write_split(tmp, 'val', spec.num_val, spec, val_rng))
         meta = dict(spec=asdict(spec), counts=counts, classes=list(CLASSES))
         with open(osp.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1)
     return meta
 
 
-def ensure_demo_dataset(root: str = 'data/demo', spec: Optional[DemoDatasetSpec] = None,
+def ensure_demo_dataset(root: str = 'data/demo',
+                        spec: Optional[DemoDatasetSpec] = None,
                         **kwargs) -> Tuple[Dict, bool]:
     """Generate the dataset unless ``root`` already holds one drawn with the same arguments.
 

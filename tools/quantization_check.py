@@ -33,30 +33,48 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated', categor
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='exit codes: 0 checked, 2 bad input or usage, 130 interrupted')
     parser.add_argument('deploy_dir', help='directory written by tools/reparameterize.py --out')
-    parser.add_argument('--calib', type=int, default=8,
-                        help='calibration images, the first ones of the val dataset (default 8)')
-    parser.add_argument('--images', type=int, default=8,
-                        help='val images (after the calibration ones) INT8 is compared with fp32 '
-                        'on (default 8)')
-    parser.add_argument('--eval', action='store_true',
-                        help='also evaluate the task metric on the whole val set, fp32 and INT8 '
-                        'backbone + neck')
+    parser.add_argument(
+        '--calib',
+        type=int,
+        default=8,
+        help='calibration images, the first ones of the val dataset (default 8)')
+    parser.add_argument(
+        '--images',
+        type=int,
+        default=8,
+        help='val images (after the calibration ones) INT8 is compared with fp32 '
+        'on (default 8)')
+    parser.add_argument(
+        '--eval',
+        action='store_true',
+        help='also evaluate the task metric on the whole val set, fp32 and INT8 '
+        'backbone + neck')
     parser.add_argument('--out', help='write the report as JSON to this file')
     parser.add_argument('--save-onnx', help='write the INT8 backbone + neck (ONNX, QDQ) here')
-    parser.add_argument('--keep-fp32', nargs='+', default=[], metavar='LAYER',
-                        help='layers (module names from the report, or a prefix) left in float')
-    parser.add_argument('--calibration', default='minmax',
-                        choices=['minmax', 'entropy', 'percentile'],
-                        help='ONNX Runtime calibration method (default minmax)')
+    parser.add_argument(
+        '--keep-fp32',
+        nargs='+',
+        default=[],
+        metavar='LAYER',
+        help='layers (module names from the report, or a prefix) left in float')
+    parser.add_argument(
+        '--calibration',
+        default='minmax',
+        choices=['minmax', 'entropy', 'percentile'],
+        help='ONNX Runtime calibration method (default minmax)')
     parser.add_argument('--top', type=int, default=10, help='layers listed (default 10)')
-    parser.add_argument('--rank-by', default='spread', choices=['spread', 'sqnr'],
-                        help='order of the layer list: weight range spread (default) or lowest '
-                        'layer SQNR first')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='CPU threads for torch and ONNX Runtime (default 1)')
+    parser.add_argument(
+        '--rank-by',
+        default='spread',
+        choices=['spread', 'sqnr'],
+        help='order of the layer list: weight range spread (default) or lowest '
+        'layer SQNR first')
+    parser.add_argument(
+        '--threads', type=int, default=1, help='CPU threads for torch and ONNX Runtime (default 1)')
     return parser.parse_args(argv)
 
 
@@ -70,9 +88,15 @@ def check(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         report = quantization_check(
-            args.deploy_dir, calib=args.calib, images=args.images, run_eval=args.eval,
-            out=args.out, save_onnx=args.save_onnx, threads=args.threads,
-            calibration=args.calibration, keep_fp32=args.keep_fp32)
+            args.deploy_dir,
+            calib=args.calib,
+            images=args.images,
+            run_eval=args.eval,
+            out=args.out,
+            save_onnx=args.save_onnx,
+            threads=args.threads,
+            calibration=args.calibration,
+            keep_fp32=args.keep_fp32)
     print()
     print(report.table(top=args.top, rank_by=args.rank_by))
     return 0

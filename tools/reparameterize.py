@@ -48,25 +48,44 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='exit codes: 0 written, 2 bad input or usage, 3 already deployed, '
-               '4 verification failed, 130 interrupted')
+        '4 verification failed, 130 interrupted')
     parser.add_argument('config', help='train-time config file')
     parser.add_argument('checkpoint', help='train-time checkpoint file')
     parser.add_argument('--out', required=True, help='output directory')
     ema = parser.add_mutually_exclusive_group()
-    ema.add_argument('--ema', dest='use_ema', action='store_true', default=None,
-                     help='require EMA weights and use them (default: use them if present)')
-    ema.add_argument('--no-ema', dest='use_ema', action='store_false',
-                     help='use the raw model weights even if EMA weights are present')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
-                        help='device for building and verifying (default: cpu)')
-    parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
-                        help="verification input size (default: the config's test size)")
-    parser.add_argument('--rtol', type=float, default=None,
-                        help='largest accepted relative error of any output, both models in '
-                        'float64 (default: 1e-9, orepa_mm.apis.reparameterize.DEFAULT_RTOL); '
-                        'the float32 agreement is reported beside it')
-    parser.add_argument('--onnx', action='store_true',
-                        help='also export backbone (+neck) to ONNX and check onnxruntime')
+    ema.add_argument(
+        '--ema',
+        dest='use_ema',
+        action='store_true',
+        default=None,
+        help='require EMA weights and use them (default: use them if present)')
+    ema.add_argument(
+        '--no-ema',
+        dest='use_ema',
+        action='store_false',
+        help='use the raw model weights even if EMA weights are present')
+    parser.add_argument(
+        '--device',
+        default='cpu',
+        choices=['cpu', 'cuda'],
+        help='device for building and verifying (default: cpu)')
+    parser.add_argument(
+        '--input-size',
+        type=int,
+        nargs=2,
+        metavar=('H', 'W'),
+        help="verification input size (default: the config's test size)")
+    parser.add_argument(
+        '--rtol',
+        type=float,
+        default=None,
+        help='largest accepted relative error of any output, both models in '
+        'float64 (default: 1e-9, orepa_mm.apis.reparameterize.DEFAULT_RTOL); '
+        'the float32 agreement is reported beside it')
+    parser.add_argument(
+        '--onnx',
+        action='store_true',
+        help='also export backbone (+neck) to ONNX and check onnxruntime')
     return parser.parse_args(argv)
 
 
@@ -81,10 +100,14 @@ def reparameterize(args: argparse.Namespace) -> int:
             # Library deprecation chatter would bury the one line that matters on stderr.
             warnings.simplefilter('ignore')
             result = reparameterize_checkpoint(
-                args.config, args.checkpoint, args.out, use_ema=args.use_ema,
+                args.config,
+                args.checkpoint,
+                args.out,
+                use_ema=args.use_ema,
                 device=args.device,
                 input_size=tuple(args.input_size) if args.input_size else None,
-                rtol=rtol, export_onnx=args.onnx)
+                rtol=rtol,
+                export_onnx=args.onnx)
     except VerificationError as exc:
         if exc.errors:
             print('\n'.join(format_errors(exc.errors, rtol)))

@@ -18,17 +18,17 @@ import warnings
 
 # setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm
 # libraries import: nothing a user can act on. Must precede those imports.
-warnings.filterwarnings(
-    'ignore', message='pkg_resources is deprecated', category=UserWarning)
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
 import sys  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
-from orepa_mm.utils.checkpoint_io import \
-    register_safe_checkpoint_loader  # noqa: E402
+from orepa_mm.utils.checkpoint_io import register_safe_checkpoint_loader  # noqa: E402
+from orepa_mm.utils.cli import (add_dump_results, apply_test_args, build_runner,
+                                check_checkpoint_fits, check_checkpoints, check_test_outputs,
+                                load_config, parse_test_args, stage_test_output)
 from orepa_mm.utils.data_check import check_dataset_paths  # noqa: E402
 from orepa_mm.utils.errors import run_tool  # noqa: E402
-from orepa_mm.utils.cli import (add_dump_results, apply_test_args, build_runner, check_checkpoint_fits, check_checkpoints, load_config, parse_test_args, stage_test_output, check_test_outputs)
 
 
 def test(argv=None) -> None:

@@ -15,17 +15,16 @@ import warnings
 
 # setuptools' "pkg_resources is deprecated" UserWarning, raised while the mm
 # libraries import: nothing a user can act on. Must precede those imports.
-warnings.filterwarnings(
-    'ignore', message='pkg_resources is deprecated', category=UserWarning)
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
 import sys  # noqa: E402
 
 import orepa_mm  # noqa: E402,F401  registers OREPA modules and the safe loader
-from orepa_mm.utils.checkpoint_io import \
-    register_safe_checkpoint_loader  # noqa: E402
+from orepa_mm.utils.checkpoint_io import register_safe_checkpoint_loader  # noqa: E402
+from orepa_mm.utils.cli import (apply_train_args, build_runner, check_checkpoints, config_scope,
+                                load_config, parse_train_args, train_splits)
 from orepa_mm.utils.data_check import check_dataset_paths  # noqa: E402
 from orepa_mm.utils.errors import run_tool  # noqa: E402
-from orepa_mm.utils.cli import (apply_train_args, build_runner, check_checkpoints, config_scope, load_config, parse_train_args, train_splits)
 
 
 def train(argv=None) -> None:

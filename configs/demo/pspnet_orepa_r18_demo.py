@@ -31,10 +31,18 @@ model = dict(
         norm_cfg=norm_cfg,
         init_cfg=None),
     decode_head=dict(
-        in_channels=128, channels=64, num_classes=5, norm_cfg=norm_cfg, dropout_ratio=0.0,
+        in_channels=128,
+        channels=64,
+        num_classes=5,
+        norm_cfg=norm_cfg,
+        dropout_ratio=0.0,
         loss_decode=dict(class_weight=class_weight)),
     auxiliary_head=dict(
-        in_channels=64, channels=32, num_classes=5, norm_cfg=norm_cfg, dropout_ratio=0.0,
+        in_channels=64,
+        channels=32,
+        num_classes=5,
+        norm_cfg=norm_cfg,
+        dropout_ratio=0.0,
         loss_decode=dict(class_weight=class_weight)))
 
 train_pipeline = [
@@ -90,7 +98,6 @@ param_scheduler = [
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 default_hooks = dict(
-    logger=dict(interval=20),
-    checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
+    logger=dict(interval=20), checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
 env_cfg = dict(cudnn_benchmark=False)
 randomness = dict(seed=0)

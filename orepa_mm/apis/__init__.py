@@ -4,9 +4,9 @@
 call directly); :func:`deploy_config` rewrites a train-time config into the stock one the
 deployed checkpoint belongs to.
 """
-from .deploy_config import deploy_config
 from ..utils.errors import (EXIT_ALREADY_DEPLOYED, EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED,
                             AlreadyDeployedError, ReparameterizeError, VerificationError)
+from .deploy_config import deploy_config
 from .reparameterize import ReparameterizeResult, reparameterize_checkpoint
 from .verification import OutputError
 

@@ -136,8 +136,10 @@ def _drop_orepa_hooks(cfg: Config) -> None:
     hooks = cfg.get('custom_hooks')
     if not hooks:
         return
-    kept = [hook for hook in hooks if not (isinstance(hook, dict) and isinstance(
-        hook.get('type'), str) and _split_type(hook['type'])[1] in OREPA_HOOKS)]
+    kept = [
+        hook for hook in hooks if not (isinstance(hook, dict) and isinstance(hook.get('type'), str)
+                                       and _split_type(hook['type'])[1] in OREPA_HOOKS)
+    ]
     if kept:
         cfg.custom_hooks = kept
     else:

@@ -49,7 +49,10 @@ def format_errors(errors: Sequence[OutputError], rtol: float) -> List[str]:
     return format_rows(rows)
 
 
-def _outputs(model: nn.Module, image: torch.Tensor, dtype: torch.dtype, what: str,
+def _outputs(model: nn.Module,
+             image: torch.Tensor,
+             dtype: torch.dtype,
+             what: str,
              groups: Sequence[str] = OUTPUT_GROUPS) -> Dict[str, torch.Tensor]:
     with warnings.catch_warnings(), _true_float32():
         warnings.simplefilter('ignore')
@@ -112,17 +115,19 @@ def verify_deployment(model: nn.Module, stock: nn.Module, exact: Tuple[nn.Module
     """
     model64, stock64 = exact
     artefact64 = copy.deepcopy(stock).double().eval()  # float32 -> float64 is exact
-    reference, actual, written = _exact_outputs(
-        [(model64, 'train-time'), (stock64, 'deployed'), (artefact64, 'deployed')], image)
+    reference, actual, written = _exact_outputs([(model64, 'train-time'), (stock64, 'deployed'),
+                                                 (artefact64, 'deployed')], image)
     del model64, stock64, artefact64
     errors = compare_outputs(reference, actual)
     gated = [e for e in compare_outputs(reference, written) if e.gated]
     if gated:
         worst = max(gated, key=lambda e: e.rel)
-        errors.append(OutputError(ARTEFACT_ROW, worst.max_abs, worst.rel,
-                                  tolerance=ARTEFACT_RTOL, note=worst.name))
-    fp32 = compare_outputs(_outputs(model, image, torch.float32, 'train-time'),
-                           _outputs(stock, image, torch.float32, 'deployed'))
+        errors.append(
+            OutputError(
+                ARTEFACT_ROW, worst.max_abs, worst.rel, tolerance=ARTEFACT_RTOL, note=worst.name))
+    fp32 = compare_outputs(
+        _outputs(model, image, torch.float32, 'train-time'),
+        _outputs(stock, image, torch.float32, 'deployed'))
     for error in fp32:
         if error.name not in reference:
             error.tolerance = FLOAT32_RTOL
@@ -131,8 +136,8 @@ def verify_deployment(model: nn.Module, stock: nn.Module, exact: Tuple[nn.Module
     informative = [e for e in fp32 if e.gated and e.name in reference]
     if informative:
         worst = max(informative, key=lambda e: e.rel)
-        errors.append(OutputError(FLOAT32_ROW, worst.max_abs, worst.rel, gated=False,
-                                  note=worst.name))
+        errors.append(
+            OutputError(FLOAT32_ROW, worst.max_abs, worst.rel, gated=False, note=worst.name))
     log_step('deployed vs train-time, per output:\n' + '\n'.join(format_errors(errors, rtol)),
              verbose)
     failed = [e for e in errors if not e.passes(rtol)]

@@ -19,20 +19,43 @@ from ..cnn.kernels import frequency_prior, grouped_identity
 from ..utils.checkpoint_io import unwrap_state_dict
 
 # The authors' branch-parameter names -> orepa_mm's (OREPAConv2d / OREPAConv1x1).
-_KXK = {'origin': 'origin', 'avg_conv': 'avg_1x1', 'pfir_conv': 'prior_1x1',
-        '1x1_kxk_idconv1': 'expand_1x1_residual', '1x1_kxk_conv2': 'expand_kxk',
-        '1x1': 'conv_1x1', 'gconv_dw': 'dw_kxk', 'gconv_pw': 'pw_1x1'}
-KXK_NAMES = {**{f'weight_orepa_{k}': v for k, v in _KXK.items()},
-             **{f'weight_rbr_{k}': v for k, v in _KXK.items()}, 'vector': 'branch_scales'}
-ONE_BY_ONE_NAMES = {'weight_or1x1_origin': 'origin', 'weight_or1x1_l2i_conv1': 'linear_first',
-                    'weight_or1x1_l2i_conv2': 'linear_second', 'vector': 'branch_scales'}
+_KXK = {
+    'origin': 'origin',
+    'avg_conv': 'avg_1x1',
+    'pfir_conv': 'prior_1x1',
+    '1x1_kxk_idconv1': 'expand_1x1_residual',
+    '1x1_kxk_conv2': 'expand_kxk',
+    '1x1': 'conv_1x1',
+    'gconv_dw': 'dw_kxk',
+    'gconv_pw': 'pw_1x1'
+}
+KXK_NAMES = {
+    **{
+        f'weight_orepa_{k}': v
+        for k, v in _KXK.items()
+    },
+    **{
+        f'weight_rbr_{k}': v
+        for k, v in _KXK.items()
+    }, 'vector': 'branch_scales'
+}
+ONE_BY_ONE_NAMES = {
+    'weight_or1x1_origin': 'origin',
+    'weight_or1x1_l2i_conv1': 'linear_first',
+    'weight_or1x1_l2i_conv2': 'linear_second',
+    'vector': 'branch_scales'
+}
 # Constant buffers the authors save; orepa_mm recomputes them (checked, then dropped).
-CONSTANT_BUFFERS = ('weight_orepa_avg_avg', 'weight_rbr_avg_avg', 'id_tensor',
-                    'weight_orepa_prior', 'weight_rbr_prior')
+CONSTANT_BUFFERS = ('weight_orepa_avg_avg', 'weight_rbr_avg_avg', 'id_tensor', 'weight_orepa_prior',
+                    'weight_rbr_prior')
 
-RESNET_DEPTHS = {('basic', (2, 2, 2, 2)): 18, ('basic', (3, 4, 6, 3)): 34,
-                 ('bottleneck', (3, 4, 6, 3)): 50, ('bottleneck', (3, 4, 23, 3)): 101,
-                 ('bottleneck', (3, 8, 36, 3)): 152}
+RESNET_DEPTHS = {
+    ('basic', (2, 2, 2, 2)): 18,
+    ('basic', (3, 4, 6, 3)): 34,
+    ('bottleneck', (3, 4, 6, 3)): 50,
+    ('bottleneck', (3, 4, 23, 3)): 101,
+    ('bottleneck', (3, 8, 36, 3)): 152
+}
 REPVGG_STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -61,8 +84,7 @@ class ConversionReport:
 def _blocks_per_stage(state, prefix_fmt) -> Tuple[int, ...]:
     counts = []
     for stage in range(1, 5):
-        ids = {int(m.group(1)) for k in state
-               for m in [re.match(prefix_fmt.format(stage), k)] if m}
+        ids = {int(m.group(1)) for k in state for m in [re.match(prefix_fmt.format(stage), k)] if m}
         counts.append(max(ids) + 1 if ids else 0)
     return tuple(counts)
 
@@ -124,8 +146,13 @@ def _check_constant(key: str, value: Tensor):
                                       'formula')
 
 
-def _rename_branches(module_prefix: str, names: Dict[str, str], src_prefix: str,
-                     state, out, report, vector_rows=None):
+def _rename_branches(module_prefix: str,
+                     names: Dict[str, str],
+                     src_prefix: str,
+                     state,
+                     out,
+                     report,
+                     vector_rows=None):
     """Copy the branch tensors of one authors' block into ``out`` under ``module_prefix``."""
     groups = 1
     origin = state.get(src_prefix + 'weight_orepa_origin',
@@ -151,8 +178,8 @@ def _convert_resnet(state, report) -> Dict[str, Tensor]:
     for key in state:
         m = re.match(r'stage0\.conv1\.weight(\d+)\.', key)
         if m and key.endswith('weight_orepa_origin'):
-            _rename_branches(f'conv1.stem_layers.{m.group(1)}.', KXK_NAMES, m.group(0), state,
-                             out, report)
+            _rename_branches(f'conv1.stem_layers.{m.group(1)}.', KXK_NAMES, m.group(0), state, out,
+                             report)
         m = re.match(r'stage(\d)\.(\d+)\.(conv\d|shortcut)\.', key)
         if not m or '.bn.' in key:
             continue
@@ -194,8 +221,14 @@ def _convert_repvgg(state, report) -> Dict[str, Tensor]:
         block = 'stem.' if m.group(1) == 'stage0' else f'stage_{m.group(2)}.{m.group(3)}.'
         branch, rest = m.group(4), key[len(m.group(0)):]
         if branch == 'rbr_dense' and rest == 'weight_rbr_origin':
-            _rename_branches(block + 'branch_3x3.conv.', KXK_NAMES, m.group(0), state, out,
-                             report, vector_rows=5)
+            _rename_branches(
+                block + 'branch_3x3.conv.',
+                KXK_NAMES,
+                m.group(0),
+                state,
+                out,
+                report,
+                vector_rows=5)
         elif branch == 'rbr_dense' and rest.startswith('bn.'):
             out[block + 'branch_3x3.norm.' + rest[3:]] = value
             report.mapped += 1
@@ -213,9 +246,10 @@ def build_target_backbone(architecture: dict):
     """A freshly built orepa_mm backbone of the inferred architecture (key/shape reference)."""
     if architecture['family'] == 'resnet':
         from ..models.backbones.for_mmpretrain import OREPAResNet
-        return OREPAResNet(depth=architecture['depth'],
-                           base_channels=architecture['base_channels'],
-                           stem_channels=architecture['stem_channels'])
+        return OREPAResNet(
+            depth=architecture['depth'],
+            base_channels=architecture['base_channels'],
+            stem_channels=architecture['stem_channels'])
     from ..models.backbones.orepa_vgg import OREPAVGG
     return OREPAVGG(arch=architecture['arch'], base_channels=architecture['base_channels'])
 
@@ -237,7 +271,7 @@ def convert_official_state_dict(checkpoint) -> Tuple[Dict[str, Tensor], Conversi
     convert = _convert_resnet if architecture['family'] == 'resnet' else _convert_repvgg
     out = convert(state, report)
 
-    consumed_prefixes = ('linear.',)
+    consumed_prefixes = ('linear.', )
     dropped_head = [k for k in state if k.startswith(consumed_prefixes)]
     report.dropped = [f'{k} (classifier head)' for k in dropped_head] + report.dropped
     constants = [k for k in state if k.rsplit('.', 1)[-1] in CONSTANT_BUFFERS]
@@ -251,12 +285,16 @@ def convert_official_state_dict(checkpoint) -> Tuple[Dict[str, Tensor], Conversi
     target = build_target_backbone(architecture).state_dict()
     missing = [k for k in target if k not in out]
     unexpected = [k for k in out if k not in target]
-    wrong = [f'{k} {tuple(out[k].shape)} != {tuple(v.shape)}' for k, v in target.items()
-             if k in out and out[k].shape != v.shape]
+    wrong = [
+        f'{k} {tuple(out[k].shape)} != {tuple(v.shape)}' for k, v in target.items()
+        if k in out and out[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        detail = '; '.join(filter(None, [
-            missing and f'missing {missing[:3]}', unexpected and f'unexpected {unexpected[:3]}',
-            wrong and f'shape {wrong[:3]}']))
+        detail = '; '.join(
+            filter(None, [
+                missing and f'missing {missing[:3]}', unexpected and f'unexpected {unexpected[:3]}',
+                wrong and f'shape {wrong[:3]}'
+            ]))
         raise OfficialCheckpointError(f'it does not map completely onto the inferred '
                                       f'backbone ({detail})')
     return OrderedDict((k, out[k]) for k in target), report

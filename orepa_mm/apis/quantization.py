@@ -28,8 +28,9 @@ names checked before any work, staged beside them, moved into place together). B
 raises :class:`QuantizationCheckError` (one sentence, ``exit_code`` 2) before anything is
 written.
 
-:func:`~.quantization_onnx.analyse_model` is steps 1-4 on any module with a ``backbone`` (and optionally a neck and
-``with_neck``) and given input tensors: what the tests call on small synthetic models.
+:func:`~.quantization_onnx.analyse_model` is steps 1-4 on any module with a ``backbone`` (and
+optionally a neck and ``with_neck``) and given input tensors: what the tests call on small
+synthetic models.
 """
 import contextlib
 import copy
@@ -60,7 +61,9 @@ DEFAULT_CALIB_IMAGES = 8
 DEFAULT_TEST_IMAGES = 8
 
 
-def evaluate(model: nn.Module, cfg, extract_feat: Optional[Callable] = None,
+def evaluate(model: nn.Module,
+             cfg,
+             extract_feat: Optional[Callable] = None,
              progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
     """The config's ``val_evaluator`` over its whole ``val_dataloader``, with ``extract_feat``
     (e.g. :class:`OnnxFeatures`) in place of the model's own backbone (+ neck)."""
@@ -109,8 +112,10 @@ def _check_deploy_dir(deploy_dir: str) -> Tuple[str, str]:
     if not osp.isdir(deploy_dir):
         raise QuantizationCheckError(f'{deploy_dir} is not a directory; pass the --out directory '
                                      'of tools/reparameterize.py.')
-    missing = [name for name in (DEPLOY_CHECKPOINT, DEPLOY_CONFIG)
-               if not osp.isfile(osp.join(deploy_dir, name))]
+    missing = [
+        name for name in (DEPLOY_CHECKPOINT, DEPLOY_CONFIG)
+        if not osp.isfile(osp.join(deploy_dir, name))
+    ]
     if missing:
         raise QuantizationCheckError(
             f'{deploy_dir} is not a deploy directory: it has no {" and no ".join(missing)} '
@@ -124,9 +129,10 @@ def _check_deployed(model: nn.Module, config: str) -> None:
         raise QuantizationCheckError(f'the model of {config} is a train-time model ({layers} '
                                      'OREPA/DBB layers); re-parameterize it first with '
                                      'tools/reparameterize.py.')
-    blocks = [name for name, m in model.named_modules()
-              if callable(getattr(m, 'switch_to_deploy', None)) and getattr(m, 'deploy', None)
-              is False]
+    blocks = [
+        name for name, m in model.named_modules()
+        if callable(getattr(m, 'switch_to_deploy', None)) and getattr(m, 'deploy', None) is False
+    ]
     if blocks:
         raise QuantizationCheckError(f'the model of {config} still has multi-branch blocks '
                                      f'({blocks[0]}, deploy=False); deploy it first.')
@@ -178,11 +184,16 @@ def _split(total: int, calib: int, images: int) -> Tuple[List[int], List[int], b
     return calib_ids, test_ids, bool(set(test_ids) & set(calib_ids))
 
 
-def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
-                       images: int = DEFAULT_TEST_IMAGES, run_eval: bool = False,
-                       out: Optional[str] = None, save_onnx: Optional[str] = None,
-                       threads: int = 1, calibration: str = 'minmax',
-                       keep_fp32: Sequence[str] = (), verbose: bool = True) -> QuantizationReport:
+def quantization_check(deploy_dir: str,
+                       calib: int = DEFAULT_CALIB_IMAGES,
+                       images: int = DEFAULT_TEST_IMAGES,
+                       run_eval: bool = False,
+                       out: Optional[str] = None,
+                       save_onnx: Optional[str] = None,
+                       threads: int = 1,
+                       calibration: str = 'minmax',
+                       keep_fp32: Sequence[str] = (),
+                       verbose: bool = True) -> QuantizationReport:
     """The whole check on a ``tools/reparameterize.py`` output directory (module doc).
 
     Raises :class:`QuantizationCheckError` (nothing written) on bad input.
@@ -233,9 +244,15 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
         log_step(f'quantizing backbone + neck on {len(calib_ids)} calibration images', verbose)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            report, graphs = analyse_model(model, calib_inputs, test_inputs, work_dir=tmp,
-                                           calibration=calibration, keep_fp32=keep_fp32,
-                                           threads=threads, source=osp.abspath(deploy_dir))
+            report, graphs = analyse_model(
+                model,
+                calib_inputs,
+                test_inputs,
+                work_dir=tmp,
+                calibration=calibration,
+                keep_fp32=keep_fp32,
+                threads=threads,
+                source=osp.abspath(deploy_dir))
         report.notes = notes
         if run_eval:
             for kind, path in (('fp32', graphs.fp32_path), ('int8', graphs.int8_path)):
@@ -250,8 +267,8 @@ def quantization_check(deploy_dir: str, calib: int = DEFAULT_CALIB_IMAGES,
                         f'evaluating the {kind} model failed ({type(exc).__name__}: '
                         f'{first_line(exc)}).') from exc
             names = list(report.metrics['fp32'])
-            report.metric_names = [m for m in HEADLINE_METRICS if m in names] + [
-                m for m in names if m not in HEADLINE_METRICS]
+            report.metric_names = [m for m in HEADLINE_METRICS if m in names
+                                   ] + [m for m in names if m not in HEADLINE_METRICS]
             report.eval_images = len(dataset)
         if out is not None:
             report.json_file = osp.abspath(out)

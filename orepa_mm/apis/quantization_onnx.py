@@ -23,7 +23,6 @@ from .verification import FeatureExtractor, export_onnx, flatten_tensors, run_sa
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
 
-
 INPUT_NAME = 'input'  # what export_onnx names the graph input
 
 
@@ -57,8 +56,10 @@ def _module_of(node) -> str:
 
 
 #: Ops between a conv and the op whose output it consumes that carry the same activation.
-_PASS_THROUGH = frozenset({'Relu', 'Clip', 'LeakyRelu', 'MaxPool', 'Identity', 'Pad', 'Resize',
-                           'Reshape', 'Flatten', 'Squeeze', 'Unsqueeze', 'Transpose'})
+_PASS_THROUGH = frozenset({
+    'Relu', 'Clip', 'LeakyRelu', 'MaxPool', 'Identity', 'Pad', 'Resize', 'Reshape', 'Flatten',
+    'Squeeze', 'Unsqueeze', 'Transpose'
+})
 
 
 def _float_island(graph, conv) -> List[str]:
@@ -91,8 +92,11 @@ def _session(path: str, threads: int):
 
 def _calibration_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
-    return {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
-            'percentile': CalibrationMethod.Percentile}[name]
+    return {
+        'minmax': CalibrationMethod.MinMax,
+        'entropy': CalibrationMethod.Entropy,
+        'percentile': CalibrationMethod.Percentile
+    }[name]
 
 
 @dataclass
@@ -112,8 +116,12 @@ def _numpy_inputs(inputs: Sequence[Tensor]) -> List[np.ndarray]:
     return [x.detach().float().cpu().numpy() for x in inputs]
 
 
-def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: str, *,
-                   calibration: str = 'minmax', keep_fp32: Sequence[str] = (),
+def quantize_model(model: nn.Module,
+                   calib_inputs: Sequence[Tensor],
+                   work_dir: str,
+                   *,
+                   calibration: str = 'minmax',
+                   keep_fp32: Sequence[str] = (),
                    per_channel: bool = True) -> QuantizedGraphs:
     """Export ``model``'s backbone (+ neck) and quantize it on ``calib_inputs`` (each a
     preprocessed ``1 x 3 x H x W`` or batched tensor) into ``work_dir``.
@@ -149,8 +157,9 @@ def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: s
     convs = [n for n in graph.node if n.op_type == 'Conv']
     excluded = []
     for prefix in keep_fp32:
-        hits = [n for n in convs
-                if _module_of(n) == prefix or _module_of(n).startswith(prefix + '.')]
+        hits = [
+            n for n in convs if _module_of(n) == prefix or _module_of(n).startswith(prefix + '.')
+        ]
         if not hits:
             raise QuantizationCheckError(f'--keep-fp32 {prefix} names no conv of the exported '
                                          'model (use a layer name from the report).')
@@ -158,6 +167,7 @@ def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: s
             excluded += [name for name in _float_island(graph, node) if name not in excluded]
 
     class Reader(CalibrationDataReader):
+
         def __init__(self):
             self.items = iter([{INPUT_NAME: x} for x in _numpy_inputs(calib_inputs)])
 
@@ -172,12 +182,18 @@ def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: s
         level = root.level
         root.setLevel(logging.ERROR)  # "please consider pre-processing": not for QDQ convs
         try:
-            quantize_static(fp32_path, int8_path, Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, reduce_range=False,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=_calibration_method(calibration),
-                            nodes_to_exclude=excluded or None,
-                            calibration_cache_path=cache)
+            quantize_static(
+                fp32_path,
+                int8_path,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=_calibration_method(calibration),
+                nodes_to_exclude=excluded or None,
+                calibration_cache_path=cache)
         except Exception as exc:  # noqa: BLE001 - turned into one sentence
             raise QuantizationCheckError(f'ONNX Runtime quantization failed ({type(exc).__name__}'
                                          f': {first_line(exc)}).') from exc
@@ -187,16 +203,19 @@ def quantize_model(model: nn.Module, calib_inputs: Sequence[Tensor], work_dir: s
     for name, data in load_tensors_data(cache).data.items():
         low, high = data.range_value
         ranges[name] = (float(np.asarray(low).min()), float(np.asarray(high).max()))
-    settings = dict(onnxruntime=onnxruntime.__version__, format='QDQ',
-                    weights='int8 symmetric ' + ('per output channel' if per_channel
-                                                 else 'per tensor'),
-                    activations='uint8 asymmetric per tensor', calibration=calibration,
-                    keep_fp32=list(keep_fp32))
+    settings = dict(
+        onnxruntime=onnxruntime.__version__,
+        format='QDQ',
+        weights='int8 symmetric ' + ('per output channel' if per_channel else 'per tensor'),
+        activations='uint8 asymmetric per tensor',
+        calibration=calibration,
+        keep_fp32=list(keep_fp32))
     return QuantizedGraphs(fp32_path, int8_path, list(names), labels, single, ranges, excluded,
                            settings)
 
 
-def compare_quantized_outputs(graphs: QuantizedGraphs, test_inputs: Sequence[Tensor],
+def compare_quantized_outputs(graphs: QuantizedGraphs,
+                              test_inputs: Sequence[Tensor],
                               threads: int = 1) -> Tuple[List[OutputQuality], Dict[str, float]]:
     """INT8 vs fp32 per output over ``test_inputs``, and the median ms per image of each."""
     fp32, int8 = _session(graphs.fp32_path, threads), _session(graphs.int8_path, threads)
@@ -213,8 +232,10 @@ def compare_quantized_outputs(graphs: QuantizedGraphs, test_inputs: Sequence[Ten
             shapes = [tuple(r.shape) for r in results['fp32']]
         for agreement, ref, got in zip(agreements, results['fp32'], results['int8']):
             agreement.add(ref, got)
-    outputs = [OutputQuality(label, shape, a.cosine, a.sqnr_db)
-               for label, shape, a in zip(graphs.output_labels, shapes, agreements)]
+    outputs = [
+        OutputQuality(label, shape, a.cosine, a.sqnr_db)
+        for label, shape, a in zip(graphs.output_labels, shapes, agreements)
+    ]
     return outputs, {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -238,21 +259,26 @@ def _conv_attributes(node) -> Optional[dict]:
     pads = list(attrs.get('pads', [0, 0, 0, 0]))
     if len(pads) != 4:
         return None
-    return dict(stride=tuple(attrs.get('strides', [1, 1])),
-                dilation=tuple(attrs.get('dilations', [1, 1])), groups=int(attrs.get('group', 1)),
-                pads=(pads[1], pads[3], pads[0], pads[2]))  # F.pad order: left right top bottom
+    return dict(
+        stride=tuple(attrs.get('strides', [1, 1])),
+        dilation=tuple(attrs.get('dilations', [1, 1])),
+        groups=int(attrs.get('group', 1)),
+        pads=(pads[1], pads[3], pads[0], pads[2]))  # F.pad order: left right top bottom
 
 
 def _conv(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], attrs: dict) -> Tensor:
-    xt = torch.nn.functional.pad(torch.from_numpy(np.array(x, dtype=np.float32)),
-                                 attrs['pads'])
+    xt = torch.nn.functional.pad(torch.from_numpy(np.array(x, dtype=np.float32)), attrs['pads'])
     return torch.nn.functional.conv2d(
-        xt, torch.from_numpy(np.array(weight, dtype=np.float32)),
+        xt,
+        torch.from_numpy(np.array(weight, dtype=np.float32)),
         None if bias is None else torch.from_numpy(np.array(bias, dtype=np.float32)),
-        stride=attrs['stride'], dilation=attrs['dilation'], groups=attrs['groups'])
+        stride=attrs['stride'],
+        dilation=attrs['dilation'],
+        groups=attrs['groups'])
 
 
-def layer_risks(graphs: QuantizedGraphs, calib_inputs: Sequence[Tensor],
+def layer_risks(graphs: QuantizedGraphs,
+                calib_inputs: Sequence[Tensor],
                 threads: int = 1) -> List[LayerRisk]:
     """Per deployed conv (on the calibration images): weight spread, the calibrated range of
     its input and that input's channel spread, and the layer's own SQNR: its fp32 output
@@ -264,22 +290,28 @@ def layer_risks(graphs: QuantizedGraphs, calib_inputs: Sequence[Tensor],
 
     model = onnx.load(graphs.fp32_path)
     arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    arrays.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t)
-                   for n in model.graph.node if n.op_type == 'Constant' and n.attribute
-                   and n.attribute[0].name == 'value'})
-    convs = [n for n in model.graph.node if n.op_type == 'Conv' and n.input[1] in arrays
-             and arrays[n.input[1]].ndim >= 3]
+    arrays.update({
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in model.graph.node
+        if n.op_type == 'Constant' and n.attribute and n.attribute[0].name == 'value'
+    })
+    convs = [
+        n for n in model.graph.node
+        if n.op_type == 'Conv' and n.input[1] in arrays and arrays[n.input[1]].ndim >= 3
+    ]
     sources = sorted({n.input[0] for n in convs})
     wanted = [name for name in sources if name != INPUT_NAME]
     graph_outputs = {o.name for o in model.graph.output}
     for name in wanted:
         if name not in graph_outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(
-                name, onnx.TensorProto.FLOAT, None))
+            model.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     absmax: Dict[str, np.ndarray] = {}
     agreements = {n.name: Agreement() for n in convs}
-    attributes = {n.name: (_conv_attributes(n) if arrays[n.input[1]].ndim == 4 else None)
-                  for n in convs}
+    attributes = {
+        n.name: (_conv_attributes(n) if arrays[n.input[1]].ndim == 4 else None)
+        for n in convs
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = osp.join(tmp, 'probe.onnx')
         onnx.save(model, path)
@@ -289,8 +321,7 @@ def layer_risks(graphs: QuantizedGraphs, calib_inputs: Sequence[Tensor],
             values[INPUT_NAME] = x
             for name in sources:
                 value = values[name]
-                per_channel = np.abs(value).max(axis=tuple(i for i in range(value.ndim)
-                                                           if i != 1))
+                per_channel = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != 1))
                 absmax[name] = per_channel if name not in absmax else np.maximum(
                     absmax[name], per_channel)
             for node in convs:
@@ -303,8 +334,9 @@ def layer_risks(graphs: QuantizedGraphs, calib_inputs: Sequence[Tensor],
                 low, high = graphs.ranges.get(node.input[0], (value.min(), value.max()))
                 with torch.no_grad():
                     reference = _conv(value, weight, bias, attrs)
-                    quantized = _conv(fake_quantize_uint8(value, low, high),
-                                      fake_quantize_weight(weight), bias, attrs)
+                    quantized = _conv(
+                        fake_quantize_uint8(value, low, high), fake_quantize_weight(weight), bias,
+                        attrs)
                 agreements[node.name].add(reference, quantized)
 
     risks = []
@@ -312,21 +344,29 @@ def layer_risks(graphs: QuantizedGraphs, calib_inputs: Sequence[Tensor],
         weight = arrays[node.input[1]]
         source = node.input[0]
         agreement = agreements[node.name]
-        risks.append(LayerRisk(
-            module=_module_of(node), node=node.name, out_channels=int(weight.shape[0]),
-            weight_spread=weight_spread(weight),
-            input_range=graphs.ranges.get(source, (math.nan, math.nan)),
-            input_channel_spread=channel_spread(absmax[source]),
-            layer_sqnr_db=agreement.sqnr_db if agreement.count else math.nan,
-            quantized=node.name not in graphs.excluded))
+        risks.append(
+            LayerRisk(
+                module=_module_of(node),
+                node=node.name,
+                out_channels=int(weight.shape[0]),
+                weight_spread=weight_spread(weight),
+                input_range=graphs.ranges.get(source, (math.nan, math.nan)),
+                input_channel_spread=channel_spread(absmax[source]),
+                layer_sqnr_db=agreement.sqnr_db if agreement.count else math.nan,
+                quantized=node.name not in graphs.excluded))
     risks.sort(key=lambda r: (-sortable(r.weight_spread), sortable(r.layer_sqnr_db)))
     return risks
 
 
-def analyse_model(model: nn.Module, calib_inputs: Sequence[Tensor],
-                  test_inputs: Sequence[Tensor], *, work_dir: Optional[str] = None,
-                  calibration: str = 'minmax', keep_fp32: Sequence[str] = (),
-                  per_channel: bool = True, threads: int = 1,
+def analyse_model(model: nn.Module,
+                  calib_inputs: Sequence[Tensor],
+                  test_inputs: Sequence[Tensor],
+                  *,
+                  work_dir: Optional[str] = None,
+                  calibration: str = 'minmax',
+                  keep_fp32: Sequence[str] = (),
+                  per_channel: bool = True,
+                  threads: int = 1,
                   source: str = 'model') -> Tuple[QuantizationReport, QuantizedGraphs]:
     """Quantize ``model``'s backbone (+ neck), compare INT8 with fp32 on ``test_inputs`` and rank
     its convs (steps 1-4 of the module doc). ``work_dir`` keeps the ONNX files (a temporary
@@ -334,14 +374,24 @@ def analyse_model(model: nn.Module, calib_inputs: Sequence[Tensor],
     if not test_inputs:
         raise QuantizationCheckError('the comparison needs at least one test image.')
     with _work_folder(work_dir) as folder:
-        graphs = quantize_model(model, calib_inputs, folder, calibration=calibration,
-                                keep_fp32=keep_fp32, per_channel=per_channel)
+        graphs = quantize_model(
+            model,
+            calib_inputs,
+            folder,
+            calibration=calibration,
+            keep_fp32=keep_fp32,
+            per_channel=per_channel)
         outputs, ms = compare_quantized_outputs(graphs, test_inputs, threads)
         layers = layer_risks(graphs, calib_inputs, threads)
     settings = dict(graphs.settings, threads=threads)
-    report = QuantizationReport(source=source, settings=settings, calib_images=_count(calib_inputs),
-                                test_images=_count(test_inputs), outputs=outputs, layers=layers,
-                                ms_per_image=ms)
+    report = QuantizationReport(
+        source=source,
+        settings=settings,
+        calib_images=_count(calib_inputs),
+        test_images=_count(test_inputs),
+        outputs=outputs,
+        layers=layers,
+        ms_per_image=ms)
     return report, graphs
 
 

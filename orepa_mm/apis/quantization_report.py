@@ -75,23 +75,24 @@ class QuantizationReport:
         """``layers`` by weight spread (as measured, largest first) or by layer SQNR (lowest
         first)."""
         if rank_by == 'sqnr':
-            return sorted(self.layers, key=lambda r: (sortable(r.layer_sqnr_db),
-                                                      -sortable(r.weight_spread)))
+            return sorted(
+                self.layers, key=lambda r: (sortable(r.layer_sqnr_db), -sortable(r.weight_spread)))
         if rank_by != 'spread':
             raise ValueError(f'rank_by must be spread or sqnr, got {rank_by!r}')
         return list(self.layers)
 
     def table(self, top: int = DEFAULT_TOP_LAYERS, rank_by: str = 'spread') -> str:
         s = self.settings
-        lines = [f'INT8 post-training quantization of backbone + neck: {self.source}',
-                 f"ONNX Runtime {s.get('onnxruntime')} quantize_static, {s.get('format')}, weights "
-                 f"{s.get('weights')}, activations {s.get('activations')}, {s.get('calibration')} "
-                 f'calibration on {self.calib_images} images; INT8 vs fp32 on '
-                 f'{self.test_images} other images', '']
+        lines = [
+            f'INT8 post-training quantization of backbone + neck: {self.source}',
+            f"ONNX Runtime {s.get('onnxruntime')} quantize_static, {s.get('format')}, weights "
+            f"{s.get('weights')}, activations {s.get('activations')}, {s.get('calibration')} "
+            f'calibration on {self.calib_images} images; INT8 vs fp32 on '
+            f'{self.test_images} other images', ''
+        ]
         rows = [('output', 'shape', 'cosine', 'SQNR dB')]
         for o in self.outputs:
-            rows.append((o.name, 'x'.join(map(str, o.shape)), f'{o.cosine:.5f}',
-                         _db(o.sqnr_db)))
+            rows.append((o.name, 'x'.join(map(str, o.shape)), f'{o.cosine:.5f}', _db(o.sqnr_db)))
         lines += format_rows(rows)
         if self.ms_per_image:
             ms = self.ms_per_image
@@ -114,22 +115,23 @@ class QuantizationReport:
             lines += [f'wrote {path}' for path in (self.onnx_file, self.json_file) if path]
             return '\n'.join(lines)
         shown = self.ranked_layers(rank_by)[:top]
-        order = ('per-output-channel weight range spread' if rank_by == 'spread' else
-                 'lowest layer SQNR')
+        order = ('per-output-channel weight range spread'
+                 if rank_by == 'spread' else 'lowest layer SQNR')
         lines.append('')
         lines.append(f'layers most at risk ({len(shown)} of {len(self.layers)} deployed convs, by '
                      f'{order}; BN folded):')
-        rows = [('#', 'layer', 'out ch', 'w spread', 'input range', 'in ch spread',
-                 'layer SQNR dB')]
+        rows = [('#', 'layer', 'out ch', 'w spread', 'input range', 'in ch spread', 'layer SQNR dB')
+                ]
         for rank, layer in enumerate(shown, 1):
             lo, hi = layer.input_range
-            rows.append((str(rank), layer.module + ('' if layer.quantized else ' (fp32)'),
-                         str(layer.out_channels), _num(layer.weight_spread),
-                         f'[{lo:.3g}, {hi:.3g}]', _num(layer.input_channel_spread),
-                         _db(layer.layer_sqnr_db)))
+            rows.append(
+                (str(rank), layer.module + ('' if layer.quantized else ' (fp32)'),
+                 str(layer.out_channels), _num(layer.weight_spread), f'[{lo:.3g}, {hi:.3g}]',
+                 _num(layer.input_channel_spread), _db(layer.layer_sqnr_db)))
         lines += format_rows(rows)
         worst = min((r for r in self.layers if not math.isnan(r.layer_sqnr_db)),
-                    key=lambda r: r.layer_sqnr_db, default=None)
+                    key=lambda r: r.layer_sqnr_db,
+                    default=None)
         lines.append('w spread: max / median over output channels of max|w|; input: the '
                      'activation the conv consumes (one uint8 scale for the whole tensor), its '
                      'calibrated range and the same spread over its channels; layer SQNR: the '

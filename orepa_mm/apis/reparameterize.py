@@ -6,7 +6,8 @@ and callable from Python (demos, notebooks):
 1. read the config and the checkpoint (orepa_mm's safe runner-checkpoint loader,
    :func:`orepa_mm.utils.checkpoint_io.read_checkpoint`: a malicious file is refused for safety,
    a broken one named as such), pick the weights (EMA when present, see
-   :func:`~orepa_mm.utils.checkpoint_io.select_weights`) and check they fit the train-time model key for key;
+   :func:`~orepa_mm.utils.checkpoint_io.select_weights`) and check they fit the train-time
+   model key for key;
 2. bake every re-param layer into a stock conv (float64, :mod:`orepa_mm.deploy`) and let the
    orepa_mm backbones finish their own deploy step (RepVGG's branch fusion); a baked conv bias
    the stock model has no place for (DBB in a stock ResNet) is folded into the BN after it
@@ -52,8 +53,8 @@ from .deploy_config import deploy_config
 from .deploy_gate import (ARTEFACT_ROW, ARTEFACT_RTOL, DEFAULT_RTOL, DEPLOY_CHECKPOINT,
                           DEPLOY_CONFIG, DEPLOY_ONNX, FLOAT32_RTOL, export_and_check_onnx,
                           format_errors, verify_deployment)
-from .verification import OutputError, complexity, config_input_size, deterministic_image
-from .verification import library_of, make_batch
+from .verification import (OutputError, complexity, config_input_size, deterministic_image,
+                           library_of, make_batch)
 
 #: Where mmdeploy keeps the ONNX Runtime deploy config of each task (mmdeploy >= 1.0).
 MMDEPLOY_CONFIGS = {
@@ -107,8 +108,8 @@ class ReparameterizeResult:
         """The closing summary: costs, verification errors, output paths."""
         h, w = self.input_size
         rows = [('', 'train-time', 'deployed')]
-        for key, label in (('params', 'parameters (model)'),
-                           ('feature_params', 'parameters (backbone+neck)'),
+        for key, label in (('params', 'parameters (model)'), ('feature_params',
+                                                              'parameters (backbone+neck)'),
                            ('flops', f'FLOPs (backbone+neck, {h}x{w})')):
             rows.append((label, human_number(self.train_cost.get(key)),
                          human_number(self.deploy_cost.get(key))))
@@ -142,10 +143,12 @@ def _check_keys(model: nn.Module, state: Dict[str, torch.Tensor], deployed_keys:
             parts.append(f'{len(missing)} keys missing ({_listing(missing)})')
         if unexpected:
             parts.append(f'{len(unexpected)} unexpected ({_listing(unexpected)})')
-        raise ReparameterizeError(f'checkpoint {checkpoint} does not match config {config}: '
-                                  + ', '.join(parts) + '.')
-    wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+        raise ReparameterizeError(f'checkpoint {checkpoint} does not match config {config}: ' +
+                                  ', '.join(parts) + '.')
+    wrong = [
+        f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         raise ReparameterizeError(f'checkpoint {checkpoint} does not match config {config}: '
                                   f'{len(wrong)} tensors have other shapes ({_listing(wrong)}).')
@@ -178,38 +181,50 @@ def _plain(value: Any) -> Any:
 
 
 def _save_checkpoint(obj: dict) -> Callable[[str], None]:
+
     def write(path: str) -> None:
         torch.save(obj, path)
         # What stock mmengine does under torch >= 2.6: must load without orepa_mm.
         torch.load(path, map_location='cpu', weights_only=True)
+
     return write
 
 
 def _save_text(text: str) -> Callable[[str], None]:
+
     def write(path: str) -> None:
         with open(path, 'w', encoding='utf-8') as f:
             f.write(text)
+
     return write
 
 
-def write_deployment(out_dir: str, state: Dict[str, torch.Tensor], meta: dict, config_text: str,
+def write_deployment(out_dir: str,
+                     state: Dict[str, torch.Tensor],
+                     meta: dict,
+                     config_text: str,
                      extra: Optional[Dict[str, Callable[[str], None]]] = None) -> Dict[str, str]:
     """Write ``deploy.pth`` (``meta`` + ``state``) and ``deploy_config.py`` (``config_text``),
     plus ``extra`` ``{name: write(path)}``, into ``out_dir`` all or nothing; returns
     ``{name: path}``. ``deploy.pth`` is read back from disk and must hold ``state`` bit for bit;
     a stale ``deploy_backbone.onnx`` of an earlier run is removed unless ``extra`` writes it."""
     writers = {
-        DEPLOY_CHECKPOINT: _verified_on_disk(
+        DEPLOY_CHECKPOINT:
+        _verified_on_disk(
             _save_checkpoint(dict(meta=_plain(copy.deepcopy(meta)), state_dict=state)), state),
-        DEPLOY_CONFIG: _save_text(config_text),
+        DEPLOY_CONFIG:
+        _save_text(config_text),
         **(extra or {}),
     }
     targets = {osp.join(out_dir, name): write for name, write in writers.items()}
     try:
         with refusals_as(ReparameterizeError):
-            finals = write_files(targets, flags={path: '--out' for path in targets},
-                                 optional=[osp.join(out_dir, DEPLOY_ONNX)],
-                                 fix='pass --out another directory')
+            finals = write_files(
+                targets,
+                flags={path: '--out'
+                       for path in targets},
+                optional=[osp.join(out_dir, DEPLOY_ONNX)],
+                fix='pass --out another directory')
     except OSError as exc:
         raise ReparameterizeError(f'cannot write to {out_dir} '
                                   f'({exc.strerror or first_line(exc)}).') from exc
@@ -235,8 +250,8 @@ def _check_args(device: str, input_size, rtol: float) -> None:
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ReparameterizeError('device cuda was asked for but CUDA is not available; use '
                                   '--device cpu.')
-    if input_size is not None and (len(input_size) != 2 or any(
-            not isinstance(v, int) or v <= 0 for v in input_size)):
+    if input_size is not None and (len(input_size) != 2 or any(not isinstance(v, int) or v <= 0
+                                                               for v in input_size)):
         raise ReparameterizeError(f'input size must be two positive integers H W, got '
                                   f'{input_size!r}.')
     if not rtol > 0:
@@ -335,21 +350,35 @@ def reparameterize_checkpoint(config: str,
                               default=0.0),
             artefact_max_rel_error=max([e.rel for e in errors if e.name == ARTEFACT_ROW],
                                        default=None),
-            float32_max_rel_error=max([e.rel for e in errors if e.name.startswith('float32')
-                                       or e.tolerance == FLOAT32_RTOL], default=None),
+            float32_max_rel_error=max([
+                e.rel for e in errors if e.name.startswith('float32') or e.tolerance == FLOAT32_RTOL
+            ],
+                                      default=None),
             onnx_max_rel_error=max([e.rel for e in onnx_errors], default=None),
-            errors={e.name: e.as_dict() for e in errors + onnx_errors},
+            errors={e.name: e.as_dict()
+                    for e in errors + onnx_errors},
         )
         new_meta = dict(meta, reparameterized=record)
         finals = write_deployment(out_dir, written_state, new_meta, deployed_text, writers)
 
     return ReparameterizeResult(
-        config=config, checkpoint=checkpoint, out_dir=out_dir,
-        deploy_checkpoint=finals[DEPLOY_CHECKPOINT], deploy_config=finals[DEPLOY_CONFIG],
-        onnx_file=finals.get(DEPLOY_ONNX), library=library_of(stock), ema_used=ema_used,
-        weights=weights, input_size=tuple(size), input_size_source=size_source, rtol=rtol,
-        num_reparameterized=num_baked, errors=errors, onnx_errors=onnx_errors,
-        train_cost=train_cost, deploy_cost=deploy_cost)
+        config=config,
+        checkpoint=checkpoint,
+        out_dir=out_dir,
+        deploy_checkpoint=finals[DEPLOY_CHECKPOINT],
+        deploy_config=finals[DEPLOY_CONFIG],
+        onnx_file=finals.get(DEPLOY_ONNX),
+        library=library_of(stock),
+        ema_used=ema_used,
+        weights=weights,
+        input_size=tuple(size),
+        input_size_source=size_source,
+        rtol=rtol,
+        num_reparameterized=num_baked,
+        errors=errors,
+        onnx_errors=onnx_errors,
+        train_cost=train_cost,
+        deploy_cost=deploy_cost)
 
 
 def deployed_config_text(cfg: Config, config: str) -> Tuple[str, Config]:
@@ -402,8 +431,7 @@ def _written_state(stock: nn.Module) -> Dict[str, torch.Tensor]:
     return torch.load(buffer, map_location='cpu', weights_only=True)
 
 
-def _artefact_model(deployed_cfg: Config, state: Dict[str, torch.Tensor],
-                    device: str) -> nn.Module:
+def _artefact_model(deployed_cfg: Config, state: Dict[str, torch.Tensor], device: str) -> nn.Module:
     """What a user gets from ``deploy_config.py`` + ``deploy.pth``: a fresh stock model built
     from the deployed config, ``state`` loaded strictly. Nothing of the conversion's own model
     object (its buffers, its modules) reaches the gate."""
@@ -418,10 +446,11 @@ def _differing(expected: Dict[str, torch.Tensor], actual: Any) -> List[str]:
     """Keys whose tensors are not identical (dtype, shape, bits) or present on one side only."""
     actual = actual if isinstance(actual, dict) else {}
     keys = sorted(set(expected) | set(actual))
-    return [k for k in keys
-            if k not in expected or not isinstance(actual.get(k), torch.Tensor)
-            or actual[k].dtype != expected[k].dtype or actual[k].shape != expected[k].shape
-            or not torch.equal(actual[k], expected[k])]
+    return [
+        k for k in keys if k not in expected or not isinstance(actual.get(k), torch.Tensor)
+        or actual[k].dtype != expected[k].dtype or actual[k].shape != expected[k].shape
+        or not torch.equal(actual[k], expected[k])
+    ]
 
 
 def _verified_on_disk(write: Callable[[str], None],

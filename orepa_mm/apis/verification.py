@@ -116,14 +116,27 @@ def _data_sample(library: str, height: int, width: int):
     shape = (height, width)
     if library == 'mmdet':
         from mmdet.structures import DetDataSample
-        return DetDataSample(metainfo=dict(
-            img_id=0, img_path='', ori_shape=shape, img_shape=shape, scale_factor=(1.0, 1.0),
-            flip=False, flip_direction=None))
+        return DetDataSample(
+            metainfo=dict(
+                img_id=0,
+                img_path='',
+                ori_shape=shape,
+                img_shape=shape,
+                scale_factor=(1.0, 1.0),
+                flip=False,
+                flip_direction=None))
     if library == 'mmseg':
         from mmseg.structures import SegDataSample
-        return SegDataSample(metainfo=dict(
-            img_path='', ori_shape=shape, img_shape=shape, pad_shape=shape,
-            scale_factor=(1.0, 1.0), flip=False, flip_direction=None, reduce_zero_label=False))
+        return SegDataSample(
+            metainfo=dict(
+                img_path='',
+                ori_shape=shape,
+                img_shape=shape,
+                pad_shape=shape,
+                scale_factor=(1.0, 1.0),
+                flip=False,
+                flip_direction=None,
+                reduce_zero_label=False))
     if library == 'mmpretrain':
         from mmpretrain.structures import DataSample
         return DataSample(metainfo=dict(ori_shape=shape, img_shape=shape))
@@ -181,7 +194,9 @@ OUTPUT_GROUPS = ('backbone', 'neck', 'head', 'predict')
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, image: Tensor, dtype: torch.dtype = torch.float32,
+def model_outputs(model: nn.Module,
+                  image: Tensor,
+                  dtype: torch.dtype = torch.float32,
                   groups: Sequence[str] = OUTPUT_GROUPS) -> Dict[str, Tensor]:
     """All outputs compared between the train-time and the deployed model (see module doc).
 
@@ -233,17 +248,25 @@ def compare_outputs(reference: Dict[str, Tensor], actual: Dict[str, Tensor]) -> 
         if got is None:
             errors.append(OutputError(name, math.inf, math.inf, note='missing after deploy'))
         elif got.shape != ref.shape:
-            errors.append(OutputError(name, math.inf, math.inf,
-                                      note=f'shape {tuple(got.shape)} != {tuple(ref.shape)}'))
+            errors.append(
+                OutputError(
+                    name,
+                    math.inf,
+                    math.inf,
+                    note=f'shape {tuple(got.shape)} != {tuple(ref.shape)}'))
         elif ref.is_floating_point():
             diff = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
             scale = ref.double().abs().max().item() if ref.numel() else 0.0
             errors.append(OutputError(name, diff, diff / scale if scale > 0 else diff))
         else:
             differing = int((got != ref).sum())
-            errors.append(OutputError(name, float(differing), differing / max(ref.numel(), 1),
-                                      gated=False,
-                                      note=f'{differing} of {ref.numel()} elements differ'))
+            errors.append(
+                OutputError(
+                    name,
+                    float(differing),
+                    differing / max(ref.numel(), 1),
+                    gated=False,
+                    note=f'{differing} of {ref.numel()} elements differ'))
     return errors
 
 
@@ -258,8 +281,9 @@ def complexity(model: nn.Module, inputs: Tensor) -> Dict[str, float]:
     """
     from mmengine.analysis import FlopAnalyzer
     features = FeatureExtractor(model)
-    result = dict(params=float(sum(p.numel() for p in model.parameters())),
-                  feature_params=float(_feature_params(model)))
+    result = dict(
+        params=float(sum(p.numel() for p in model.parameters())),
+        feature_params=float(_feature_params(model)))
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -295,9 +319,15 @@ def export_onnx(model: nn.Module, inputs: Tensor, path: str) -> List[str]:
             if dim == 4 else {0: 'batch'}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        torch.onnx.export(features, (inputs, ), path, dynamo=False, opset_version=17,
-                          input_names=['input'], output_names=names,
-                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+        torch.onnx.export(
+            features, (inputs, ),
+            path,
+            dynamo=False,
+            opset_version=17,
+            input_names=['input'],
+            output_names=names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True)
     return names
 
 
@@ -309,8 +339,13 @@ def check_onnx(model: nn.Module, inputs: Tensor, path: str,
         reference = list(flatten_tensors('', FeatureExtractor(model).eval()(inputs)).values())
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     results = session.run(list(names), {'input': inputs.detach().cpu().numpy()})
-    return compare_outputs({f'onnx.{n}': r.cpu() for n, r in zip(names, reference)},
-                           {f'onnx.{n}': torch.from_numpy(r) for n, r in zip(names, results)})
+    return compare_outputs({
+        f'onnx.{n}': r.cpu()
+        for n, r in zip(names, reference)
+    }, {
+        f'onnx.{n}': torch.from_numpy(r)
+        for n, r in zip(names, results)
+    })
 
 
 def run_safely(step: str, fn: Callable, *args, **kwargs):

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import average_kernel, compose_1x1_kxk, fold_batch_norm, grouped_identity, \
-    pad_to_kernel_size
+from .kernels import (average_kernel, compose_1x1_kxk, fold_batch_norm, grouped_identity,
+                      pad_to_kernel_size)
 from .reparam_conv import ReparamConv2d
 
 
@@ -68,8 +68,16 @@ class DBBConv2d(ReparamConv2d):
 
     folds_bias = True
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None,
-                 dilation=1, groups=1, bias=False, init_cfg=None):
+    def __init__(self,
+                 in_channels,
+                 out_channels,
+                 kernel_size=3,
+                 stride=1,
+                 padding=None,
+                 dilation=1,
+                 groups=1,
+                 bias=False,
+                 init_cfg=None):
         k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
         padding = k // 2 if padding is None else padding
         if k < 3 or k % 2 == 0 or padding != k // 2 or dilation != 1:
@@ -83,13 +91,13 @@ class DBBConv2d(ReparamConv2d):
         # the last conv child before it: every BN below directly follows its own conv, or
         # follows a fused pair (avg_bn is registered before avg_1x1, whose output it never
         # sees directly: pad and pool come between).
-        self.origin = nn.Conv2d(in_channels, out_channels, k, stride, padding, groups=groups,
-                                bias=False)
+        self.origin = nn.Conv2d(
+            in_channels, out_channels, k, stride, padding, groups=groups, bias=False)
         self.origin_bn = nn.BatchNorm2d(out_channels)
         self.with_1x1 = groups < out_channels
         if self.with_1x1:
-            self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride, groups=groups,
-                                      bias=False)
+            self.conv_1x1 = nn.Conv2d(
+                in_channels, out_channels, 1, stride, groups=groups, bias=False)
             self.conv_1x1_bn = nn.BatchNorm2d(out_channels)
             self.avg_bn = nn.BatchNorm2d(out_channels)
             self.avg_1x1 = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False)
@@ -103,13 +111,13 @@ class DBBConv2d(ReparamConv2d):
         for name, value in self._constant_buffers().items():
             self.register_buffer(name, value, persistent=False)
         self.expand_pad = BNAndPad(in_channels, padding)
-        self.expand_kxk = nn.Conv2d(in_channels, out_channels, k, stride, groups=groups,
-                                    bias=False)
+        self.expand_kxk = nn.Conv2d(in_channels, out_channels, k, stride, groups=groups, bias=False)
         self.expand_bn = nn.BatchNorm2d(out_channels)
 
     def _constant_buffers(self):
-        return {'expand_identity': grouped_identity(self.in_channels,
-                                                    self.in_channels // self.groups)}
+        return {
+            'expand_identity': grouped_identity(self.in_channels, self.in_channels // self.groups)
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.origin_bn(self.origin(x))
@@ -155,9 +163,9 @@ class DBBConv2d(ReparamConv2d):
         first = (self.expand_1x1_residual.flatten(1) + self.expand_identity)[..., None, None]
         first, first_bias = _fold(first, self.expand_pad.bn)
         k_exp = compose_1x1_kxk(first.flatten(1), self.expand_kxk.weight, g)
-        k_exp, b_exp = _fold(k_exp, self.expand_bn,
-                             _plus(_through_kernel(first_bias, self.expand_kxk.weight),
-                                   self.expand_kxk.bias))
+        k_exp, b_exp = _fold(
+            k_exp, self.expand_bn,
+            _plus(_through_kernel(first_bias, self.expand_kxk.weight), self.expand_kxk.bias))
         kernel, bias = kernel + k_exp, bias + b_exp
         if self.bias is not None:
             bias = bias + self.bias

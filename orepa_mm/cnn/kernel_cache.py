@@ -79,8 +79,7 @@ def cached_kernels(model: nn.Module) -> Iterator[KernelCache]:
     For evaluation: ``with torch.no_grad(), cached_kernels(model): ...``.
     """
     cache = KernelCache()
-    layers = [layer for layer in _outermost_reparam_layers(model)
-              if layer.kernel_source is None]
+    layers = [layer for layer in _outermost_reparam_layers(model) if layer.kernel_source is None]
     for layer in layers:
         layer.kernel_source = weakref.ref(cache)
     try:

@@ -62,7 +62,9 @@ def compose_1x1_kxk(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
     return kernel.reshape(out_channels, first.shape[-1], kh, kw)
 
 
-def depthwise_pointwise_to_kernel(depthwise: Tensor, pointwise: Tensor, in_channels: int,
+def depthwise_pointwise_to_kernel(depthwise: Tensor,
+                                  pointwise: Tensor,
+                                  in_channels: int,
                                   groups: int = 1) -> Tensor:
     """Kernel of a depthwise k x k conv (E*I, 1, k, k) followed by a pointwise conv (O, E*I/g).
 
@@ -93,8 +95,8 @@ def compose_stacked(first: Tensor, second: Tensor) -> Tensor:
     return F.conv2d(first.transpose(0, 1), second, padding=b - 1).transpose(0, 1)
 
 
-def fold_batch_norm(kernel: Tensor, bias, running_mean: Tensor, running_var: Tensor,
-                    gamma, beta, eps: float):
+def fold_batch_norm(kernel: Tensor, bias, running_mean: Tensor, running_var: Tensor, gamma, beta,
+                    eps: float):
     """Fold an eval-mode BatchNorm that follows a conv into the conv's kernel and bias.
 
     ``bias``, ``gamma`` and ``beta`` may be None (no conv bias, non-affine BN).

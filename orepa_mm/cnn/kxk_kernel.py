@@ -34,6 +34,11 @@ row per branch: the rows are views taken inside, and the matrix's gradient is as
 one op, instead of autograd adding up one zero-padded ``select_backward`` per row. Tested
 against plain autograd on explicit feature-space branches (tests/test_orepa_conv.py),
 gradients included.
+
+Three implementations, one formula: on CUDA (and on the CPU under Triton's interpreter with
+``OREPA_MM_TRITON_ON_CPU=1``, see :func:`.triton_kernels.triton_route`) each direction is one
+fused Triton launch, ``orepa_mm::kxk_kernel`` / ``kxk_kernel_backward``; float32 on the CPU
+takes the fused C++ loops; anything else the PyTorch ops below, the reference.
 """
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -41,9 +46,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import triton_kernels
 from .fused_ops import fused_kxk_ops
 from .kernels import depthwise_pointwise_to_kernel
 from .precision import full_precision_backward, full_precision_forward
+from .triton_kernels import triton_route
 
 
 class KxKBranches(NamedTuple):
@@ -119,19 +126,23 @@ class OREPAKxKKernel(torch.autograd.Function):
     @full_precision_forward
     def forward(ctx, groups: int, *fields) -> Tensor:
         branches = KxKBranches(*fields)
+        ctx.groups = groups
+        ctx.scale_rows = branches[len(_TENSOR_FIELDS):]
+        if triton_route(branches.origin):
+            # The CUDA path: one fused launch (:mod:`.triton_kernels`); only inputs are saved.
+            ctx.save_for_backward(*(getattr(branches, name) for name in _TENSOR_FIELDS), None)
+            return triton_kernels.kxk_kernel(*_triton_args(branches, groups))
         terms = _terms(branches)
         ops = fused_kxk_ops(branches.origin, groups, _expand_ratio(branches))
         if ops is not None:
             out = _forward_fused(ops, terms)
         else:
             out = _forward_torch(terms, groups)
-        ctx.groups = groups
         # Inputs are saved (parameters and buffers, alive anyway), and the pattern branches'
         # (nb, O) scales (a stack of rows, unless they are adjacent); the other terms
         # (stacked matrices, M) are rebuilt in backward rather than kept for it.
         ctx.save_for_backward(*(getattr(branches, name) for name in _TENSOR_FIELDS),
                               terms.pattern_scales)
-        ctx.scale_rows = branches[len(_TENSOR_FIELDS):]
         return out
 
     @staticmethod
@@ -140,8 +151,10 @@ class OREPAKxKKernel(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         *inputs, pattern_scales = ctx.saved_tensors
         branches = KxKBranches(*inputs, *ctx.scale_rows)
-        terms = _terms(branches, pattern_scales)
         needs = dict(zip(KxKBranches._fields, ctx.needs_input_grad[1:]))
+        if triton_route(grad):
+            return (None, *_triton_backward(grad, branches, ctx.groups, needs))
+        terms = _terms(branches, pattern_scales)
         ops = fused_kxk_ops(grad, ctx.groups, _expand_ratio(branches))
         if ops is not None:
             term_grads = _backward_fused(ops, grad, terms)
@@ -149,6 +162,24 @@ class OREPAKxKKernel(torch.autograd.Function):
             term_grads = _backward_torch(grad, terms, _wanted_terms(needs), ctx.groups)
         grads = _branch_grads(term_grads, branches, needs['branch_scales'])
         return (None, *(grads.get(name) if needs[name] else None for name in KxKBranches._fields))
+
+
+def _triton_args(branches: KxKBranches, groups: int) -> tuple:
+    """The record as the Triton ops take it: the tensors, then the scale rows as ints."""
+    return (*(getattr(branches, name) for name in _TENSOR_FIELDS), list(branches.pattern_rows),
+            branches.expand_row or 0, branches.dws_row or 0, groups)
+
+
+def _triton_backward(grad: Tensor, branches: KxKBranches, groups: int,
+                     needs: Dict[str, bool]) -> Tuple[Optional[Tensor], ...]:
+    """The wanted gradients of the record's fields in one fused launch (the CUDA path)."""
+    wanted = [needs[name] for name in triton_kernels.KXK_GRAD_NAMES]
+    grads = dict(
+        zip(triton_kernels.KXK_GRAD_NAMES,
+            triton_kernels.kxk_kernel_backward(grad, *_triton_args(branches, groups)[:-1],
+                                               groups, wanted)))
+    return tuple(grads[name] if needs[name] and name in grads else None
+                 for name in KxKBranches._fields)
 
 
 def _terms(branches: KxKBranches, pattern_scales: Optional[Tensor] = None) -> _Terms:

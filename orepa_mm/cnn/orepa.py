@@ -29,8 +29,7 @@ KXK_BRANCHES = ('origin', 'avg', 'prior', '1x1_kxk', '1x1', 'dws')
 #: in KXK_BRANCHES order (the order of the patterns in KxKBranches).
 SMALL_BRANCH_PARAMS = {'avg': 'avg_1x1', 'prior': 'prior_1x1', '1x1': 'conv_1x1'}
 #: Published initial value of each branch's scale vector.
-KXK_SCALE_INIT = {'origin': 0.25, 'avg': 0.25, 'prior': 0.0, '1x1_kxk': 0.5, '1x1': 1.0,
-                  'dws': 0.5}
+KXK_SCALE_INIT = {'origin': 0.25, 'avg': 0.25, 'prior': 0.0, '1x1_kxk': 0.5, '1x1': 1.0, 'dws': 0.5}
 
 
 def _init_kaiming(param: Tensor, a: float, gain: float = 1.0):
@@ -144,8 +143,8 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
             raise ValueError(f'branches must include "origin" and come from {KXK_BRANCHES}, '
                              f'got {tuple(branches)}.')
         self.branches = tuple(b for b in KXK_BRANCHES if b in branches)
-        self.internal_channels = internal_channels or (
-            in_channels if groups <= 4 else 2 * in_channels)
+        self.internal_channels = internal_channels or (in_channels if groups <= 4 else 2 *
+                                                       in_channels)
         self.expand_ratio = expand_ratio
         i_g, t = in_channels // groups, self.internal_channels
         o, e = out_channels, expand_ratio
@@ -179,13 +178,18 @@ class OREPAConv2d(_StockWeightLoadingMixin, ReparamConv2d):
         if self.small_branches:
             # Fixed spatial patterns (nb, O, k*k) of the branches that are a 1x1 matrix times a
             # pattern: average, frequency prior, centred 1x1.
-            patterns = {'avg': torch.full((o, k * k), 1.0 / (k * k)),
-                        'prior': frequency_prior(o, k).flatten(1),
-                        '1x1': pad_to_kernel_size(torch.ones(o, 1, 1), k).flatten(1)}
+            patterns = {
+                'avg': torch.full((o, k * k), 1.0 / (k * k)),
+                'prior': frequency_prior(o, k).flatten(1),
+                '1x1': pad_to_kernel_size(torch.ones(o, 1, 1), k).flatten(1)
+            }
             constants['small_patterns'] = torch.stack([patterns[b] for b in self.small_branches])
         return constants
 
-    def reset_parameters(self, kaiming_a=0.0, kernel_init_gain=1.0, scale_init_gain=1.0,
+    def reset_parameters(self,
+                         kaiming_a=0.0,
+                         kernel_init_gain=1.0,
+                         scale_init_gain=1.0,
                          single_init=False):
         """The published initialisation (Kaiming-uniform branches, fixed scale vectors)."""
         for name in ('origin', 'avg_1x1', 'prior_1x1', 'expand_kxk', 'conv_1x1'):
@@ -275,14 +279,14 @@ class OREPAConv1x1(_StockWeightLoadingMixin, ReparamConv2d):
                 _init_kaiming(self.linear_second, kaiming_a)
             else:
                 _init_kaiming(self.linear_first, kaiming_a)
-                self.linear_second.copy_(
-                    torch.eye(self.out_channels).view_as(self.linear_second))
+                self.linear_second.copy_(torch.eye(self.out_channels).view_as(self.linear_second))
             self.branch_scales[0].fill_(1.0)
             self.branch_scales[1].fill_(0.0 if single_init else 0.5)
 
     def generate_kernel(self) -> Tensor:
-        kernel = pointwise_kernel(self.origin.flatten(1), self.branch_scales,
-                                  self.linear_second.flatten(1), self.linear_first.flatten(1))
+        kernel = pointwise_kernel(
+            self.origin.flatten(1), self.branch_scales, self.linear_second.flatten(1),
+            self.linear_first.flatten(1))
         return kernel.view(self.out_channels, self.in_channels, 1, 1)
 
 

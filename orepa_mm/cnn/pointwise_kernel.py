@@ -10,6 +10,9 @@ comes from the already computed ``G W1^T``. The whole scale matrix goes in (not 
 branch), so that its gradient is one stacked tensor rather than autograd's sum of zero-padded
 ``select_backward`` rows. Like the k x k function (:mod:`.kxk_kernel`), it runs in the inputs'
 precision with autocast off in both directions and is traced as it is by torch.compile.
+On CUDA (see :func:`.triton_kernels.triton_route`) each direction is one fused Triton launch,
+``orepa_mm::pointwise_kernel`` / ``pointwise_kernel_backward``; the PyTorch ops below are the
+reference and the fallback.
 """
 from typing import Optional, Tuple
 
@@ -17,7 +20,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import triton_kernels
 from .precision import full_precision_backward, full_precision_forward
+from .triton_kernels import triton_route
 
 #: The inputs of :class:`OREPA1x1Kernel`, in order.
 _INPUTS = ('origin', 'branch_scales', 'linear_second', 'linear_first')
@@ -43,6 +48,11 @@ class OREPA1x1Kernel(torch.autograd.Function):
     @full_precision_forward
     def forward(ctx, origin: Tensor, branch_scales: Tensor, linear_second: Tensor,
                 linear_first: Tensor) -> Tensor:
+        if triton_route(origin):
+            # The CUDA path: one fused launch (:mod:`.triton_kernels`).
+            ctx.save_for_backward(origin, branch_scales, linear_second, linear_first)
+            return triton_kernels.pointwise_kernel(origin, branch_scales, linear_second,
+                                                   linear_first, 0, 1)
         origin_scale, linear_scale = branch_scales[0], branch_scales[1]
         out = torch.mm(linear_second * linear_scale.view(-1, 1), linear_first)
         out.addcmul_(origin, origin_scale.view(-1, 1))
@@ -54,8 +64,13 @@ class OREPA1x1Kernel(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         origin, branch_scales, linear_second, linear_first = ctx.saved_tensors
-        origin_scale, linear_scale = branch_scales[0], branch_scales[1]
         needs = dict(zip(_INPUTS, ctx.needs_input_grad))
+        if triton_route(grad):
+            grads = triton_kernels.pointwise_kernel_backward(
+                grad, origin, branch_scales, linear_second, linear_first, 0, 1,
+                [needs[name] for name in _INPUTS])
+            return tuple(g if needs[name] else None for name, g in zip(_INPUTS, grads))
+        origin_scale, linear_scale = branch_scales[0], branch_scales[1]
         grads = {}
         if needs['origin']:
             grads['origin'] = grad * origin_scale.view(-1, 1)

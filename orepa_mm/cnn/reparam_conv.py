@@ -58,8 +58,8 @@ def _called_from(module_name: str, function: Optional[str] = None, depth: int = 
     for _ in range(depth):
         if frame is None:
             return False
-        if frame.f_globals.get('__name__') == module_name and (
-                function is None or frame.f_code.co_name == function):
+        if frame.f_globals.get('__name__') == module_name and (function is None
+                                                               or frame.f_code.co_name == function):
             return True
         frame = frame.f_back
     return False
@@ -255,7 +255,9 @@ class ReparamConv2d(BaseModule):
                         '(orepa_mm.reparameterize_model) and write the deployed conv.')
 
     @torch.no_grad()
-    def load_kernel(self, weight: Tensor, expected_current: Optional[Tensor] = None,
+    def load_kernel(self,
+                    weight: Tensor,
+                    expected_current: Optional[Tensor] = None,
                     same_dtype: bool = False) -> None:
         """Make the squeezed kernel exactly ``weight``: origin = ``weight``, every other branch
         scaled to zero (as when a stock ``weight`` is loaded from a state dict).
@@ -277,8 +279,7 @@ class ReparamConv2d(BaseModule):
                             f'{weight.dtype} tensor exactly; cast the tensor (w.to({dtype})) or '
                             'the layer (layer.to(w.dtype)) first.')
         state = self.stock_state(weight.detach())
-        if expected_current is not None and not _same_values(self._own_kernel(),
-                                                             expected_current):
+        if expected_current is not None and not _same_values(self._own_kernel(), expected_current):
             raise ValueError(f'this {type(self).__name__}.weight tensor was read before the '
                              'layer\'s parameters changed, so writing it would load old values; '
                              'read layer.weight again and write to that.')
@@ -312,9 +313,17 @@ class ReparamConv2d(BaseModule):
         reference = self.branch_parameter()
         exact = copy.deepcopy(self).double().eval()
         kernel, bias = exact.equivalent_kernel_bias()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, bias=bias is not None,
-                         device=reference.device, dtype=reference.dtype)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=bias is not None,
+            device=reference.device,
+            dtype=reference.dtype)
         conv.weight.copy_(kernel)
         if bias is not None:
             conv.bias.copy_(bias)

@@ -30,9 +30,8 @@ from torch import Tensor
 _NOT_WRITES = frozenset({'requires_grad_', 'retain_grad', 'share_memory_', 'record_stream'})
 #: In-place operators (their names do not end in ``_``).
 _INPLACE_DUNDERS = frozenset({
-    '__setitem__', '__iadd__', '__isub__', '__imul__', '__itruediv__', '__ifloordiv__',
-    '__imod__', '__ipow__', '__iand__', '__ior__', '__ixor__', '__ilshift__', '__irshift__',
-    '__imatmul__'
+    '__setitem__', '__iadd__', '__isub__', '__imul__', '__itruediv__', '__ifloordiv__', '__imod__',
+    '__ipow__', '__iand__', '__ior__', '__ixor__', '__ilshift__', '__irshift__', '__imatmul__'
 })
 
 

@@ -78,8 +78,8 @@ class CPUSyncBatchNorm(_BatchNorm):
     @torch.no_grad()
     def _update_running_statistics(self, mean, var, total) -> None:
         self.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None else self.momentum)
+        momentum = (1.0 /
+                    float(self.num_batches_tracked) if self.momentum is None else self.momentum)
         unbiased = var * (total / (total - 1).clamp_min(1))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
@@ -111,8 +111,8 @@ def prepare_cpu_distributed(cfg, launcher: str) -> bool:
         raise RuntimeError(f'launcher={launcher!r} needs GPUs; on CPUs use torchrun with '
                            '--launcher pytorch (tools/dist_train.sh).')
     if not dist.is_initialized():
-        dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
-                                world_size=int(os.environ['WORLD_SIZE']))
+        dist.init_process_group(
+            backend='gloo', rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))
     cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
     if cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(

@@ -48,8 +48,10 @@ class BF16OptimWrapper(OptimWrapper):
     @contextmanager
     def optim_context(self, model):
         inner = model.module if is_model_wrapper(model) else model
-        targets = [getattr(inner, name) for name in self.autocast_modules
-                   if isinstance(getattr(inner, name, None), torch.nn.Module)]
+        targets = [
+            getattr(inner, name) for name in self.autocast_modules
+            if isinstance(getattr(inner, name, None), torch.nn.Module)
+        ]
         with super().optim_context(model), ExitStack() as stack:
             if targets:
                 for module in targets:

@@ -137,8 +137,8 @@ class _BackwardStart(torch.autograd.Function):
 class _Layout:
     """Fixed bucket assignment of the reduced kernel layers (identical on every rank)."""
 
-    def __init__(self, reduced: Tuple[int, ...], numels: Sequence[int],
-                 keys: Sequence[tuple], element_size: Sequence[int], cap_bytes: int):
+    def __init__(self, reduced: Tuple[int, ...], numels: Sequence[int], keys: Sequence[tuple],
+                 element_size: Sequence[int], cap_bytes: int):
         self.reduced = reduced
         self.buckets: List[List[int]] = []
         self.bucket_of: Dict[int, int] = {}
@@ -212,8 +212,10 @@ class _Held:
 
     def changed(self) -> List[int]:
         """Positions of the parameters whose ``.grad`` changed since autograd last wrote it."""
-        return [j for j, (p, (grad, version)) in enumerate(zip(self.params, self.marks))
-                if p.grad is not grad or grad._version != version]
+        return [
+            j for j, (p, (grad, version)) in enumerate(zip(self.params, self.marks))
+            if p.grad is not grad or grad._version != version
+        ]
 
 
 def _before_accumulation(reducer_ref, idx: int, held: _Held, grad: Tensor):
@@ -341,8 +343,11 @@ class _KernelGradReducer:
             layer.kernel_source = self._ref
 
     def _check_same_layers(self):
-        signature = [len(self.layers), sum(self.numels),
-                     sum((i + 1) * n for i, n in enumerate(self.numels))]
+        signature = [
+            len(self.layers),
+            sum(self.numels),
+            sum((i + 1) * n for i, n in enumerate(self.numels))
+        ]
         local = torch.tensor(signature, dtype=torch.float64, device=self.device)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
@@ -375,8 +380,8 @@ class _KernelGradReducer:
             return None
         if not torch.is_grad_enabled():
             entry = round_.proxies.get(idx)
-            fresh = entry is not None and entry.versions == tuple(
-                p._version for p in self.params[idx])
+            fresh = entry is not None and entry.versions == tuple(p._version
+                                                                  for p in self.params[idx])
             return entry.proxy if fresh else None
         return self._proxy(round_, idx)
 
@@ -462,12 +467,11 @@ class _KernelGradReducer:
         if not round_.layout.buckets:
             return output
         leaves, spec = tree_flatten(output)
-        positions = [i for i, x in enumerate(leaves)
-                     if isinstance(x, Tensor) and x.requires_grad]
+        positions = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
         if not positions:
             return output
-        marked = _BackwardStart.apply(functools.partial(self._start_backward, round_),
-                                      *[leaves[i] for i in positions])
+        marked = _BackwardStart.apply(
+            functools.partial(self._start_backward, round_), *[leaves[i] for i in positions])
         for i, t in zip(positions, marked):
             leaves[i] = t
         return tree_unflatten(leaves, spec)
@@ -520,8 +524,7 @@ class _KernelGradReducer:
         numel = layout.bucket_numel[b]
         flat = layout.flats[b]
         if flat is None:
-            flat = layout.flats[b] = torch.empty(numel + len(layers), dtype=dtype,
-                                                 device=device)
+            flat = layout.flats[b] = torch.empty(numel + len(layers), dtype=dtype, device=device)
         used = []
         for idx in layers:
             dst = flat[layout.offset[idx]:layout.offset[idx] + self.numels[idx]]
@@ -617,10 +620,11 @@ class _KernelGradReducer:
                 p.grad = torch.zeros_like(p)
         held = _Held(grad, params)
         for j, p in enumerate(params):
-            held.handles.append(p.register_hook(
-                functools.partial(_before_accumulation, self._ref, idx, held)))
-            held.handles.append(p.register_post_accumulate_grad_hook(
-                functools.partial(_after_accumulation, held, j)))
+            held.handles.append(
+                p.register_hook(functools.partial(_before_accumulation, self._ref, idx, held)))
+            held.handles.append(
+                p.register_post_accumulate_grad_hook(
+                    functools.partial(_after_accumulation, held, j)))
         self.held[idx] = held
 
     def _take_held(self, idx: int) -> Optional[Tensor]:
@@ -679,8 +683,7 @@ class OREPADistributedDataParallel(CPUDistributedDataParallel):
     docstring).
     """
 
-    def __init__(self, module: nn.Module, device_ids=None, detect_anomalous_params=False,
-                 **kwargs):
+    def __init__(self, module: nn.Module, device_ids=None, detect_anomalous_params=False, **kwargs):
         if detect_anomalous_params:
             raise ValueError(f'{NAME} does not support detect_anomalous_params: the branch '
                              'parameters are outside the loss graph by design.')

@@ -314,10 +314,11 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def write_files(writers: Dict[str, Callable[[str], None]], flags: Optional[Dict[str, str]] = None,
-                optional: Sequence[str] = (), fix: str = 'choose another output path',
-                before_commit: Optional[Callable[[Dict[str, str]], None]] = None
-                ) -> Dict[str, str]:
+def write_files(writers: Dict[str, Callable[[str], None]],
+                flags: Optional[Dict[str, str]] = None,
+                optional: Sequence[str] = (),
+                fix: str = 'choose another output path',
+                before_commit: Optional[Callable[[Dict[str, str]], None]] = None) -> Dict[str, str]:
     """Write ``{path: write(staged_path)}`` as one :class:`OutputSet`; returns the paths.
 
     ``optional`` paths without a writer are removed when they exist (stale outputs);

@@ -34,8 +34,7 @@ TORCHVISION_DEPTHS = (18, 34, 50, 101, 152)
 V1C_DEPTHS = (18, 50, 101)
 # Parameter names only orepa_mm's re-param layers have (OREPA k x k, 1 x 1,
 # large kernel; DBB).
-_OREPA_PARAMS = ('branch_scales', 'origin', 'origin_scale',
-                 'expand_1x1_residual')
+_OREPA_PARAMS = ('branch_scales', 'origin', 'origin_scale', 'expand_1x1_residual')
 
 
 class MissingCheckpointError(OrepaInputError, FileNotFoundError):
@@ -81,9 +80,8 @@ def _type_name(module_cfg: Mapping) -> str:
     return module_type.rsplit('.', 1)[-1] if isinstance(module_type, str) else ''
 
 
-def iter_pretrained_checkpoints(
-        model_cfg: Any,
-        prefix: str = 'model') -> Iterator[Tuple[str, str, Mapping]]:
+def iter_pretrained_checkpoints(model_cfg: Any,
+                                prefix: str = 'model') -> Iterator[Tuple[str, str, Mapping]]:
     """Yield ``(key, path, module_cfg)`` for every local checkpoint that
     ``init_weights`` will read: ``init_cfg=dict(type='Pretrained',
     checkpoint=...)`` (a dict or a list of them) and the older
@@ -101,8 +99,7 @@ def iter_pretrained_checkpoints(
         if name == 'init_cfg':
             inits = value if isinstance(value, (list, tuple)) else [value]
             for i, init in enumerate(inits):
-                if (isinstance(init, Mapping)
-                        and init.get('type') in PRETRAINED_TYPES
+                if (isinstance(init, Mapping) and init.get('type') in PRETRAINED_TYPES
                         and _is_local(init.get('checkpoint'))):
                     at = key if isinstance(value, Mapping) else f'{key}.{i}'
                     yield f'{at}.checkpoint', init['checkpoint'], model_cfg
@@ -116,13 +113,12 @@ def iter_pretrained_checkpoints(
 def _stock_weights(module_cfg: Mapping) -> Optional[str]:
     """Stock ImageNet weights that an OREPA ResNet of this config loads."""
     name, depth = _type_name(module_cfg), module_cfg.get('depth', 50)
-    if name in ('OREPAResNetV1c', 'ResNetV1c') or (
-            name in ('OREPAResNet', 'ResNet') and module_cfg.get('deep_stem')
-            and not module_cfg.get('avg_down')):
+    if name in ('OREPAResNetV1c', 'ResNetV1c') or (name in ('OREPAResNet', 'ResNet')
+                                                   and module_cfg.get('deep_stem')
+                                                   and not module_cfg.get('avg_down')):
         return f'open-mmlab://resnet{depth}_v1c' if depth in V1C_DEPTHS else None
     if name in ('OREPAResNet', 'ResNet') and not module_cfg.get('deep_stem'):
-        return (f'torchvision://resnet{depth}'
-                if depth in TORCHVISION_DEPTHS else None)
+        return (f'torchvision://resnet{depth}' if depth in TORCHVISION_DEPTHS else None)
     return None
 
 
@@ -154,13 +150,11 @@ def _missing_pretrained(key: str, path: str, status: str,
         ways.append(f'put the file there or point "--cfg-options {key}=..." '
                     'at an existing checkpoint')
     if not stock:
-        init_key = key[:-len('.checkpoint')] if key.endswith(
-            '.checkpoint') else key
+        init_key = key[:-len('.checkpoint')] if key.endswith('.checkpoint') else key
         ways.append(f'train from scratch with "--cfg-options {init_key}=None"')
-    advice = ', or '.join([', '.join(ways[:-1]), ways[-1]]) if len(
-        ways) > 1 else ways[0]
-    return MissingCheckpointError(
-        f'Pretrained checkpoint {path} {status} ({key}); {advice}.', path, key)
+    advice = ', or '.join([', '.join(ways[:-1]), ways[-1]]) if len(ways) > 1 else ways[0]
+    return MissingCheckpointError(f'Pretrained checkpoint {path} {status} ({key}); {advice}.', path,
+                                  key)
 
 
 def check_pretrained_checkpoints(cfg: Mapping) -> None:
@@ -199,11 +193,11 @@ def check_load_from(cfg: Mapping, source: str = 'load_from') -> None:
         message = (f'Checkpoint {path} {status} (load_from); point '
                    '"--cfg-options load_from=..." at an existing checkpoint '
                    'or set it to None.')
-    raise MissingCheckpointError(message, path,
-                                 'checkpoint' if source == 'test' else 'load_from')
+    raise MissingCheckpointError(message, path, 'checkpoint' if source == 'test' else 'load_from')
 
 
-def check_checkpoint_paths(cfg: Mapping, mode: str = 'train',
+def check_checkpoint_paths(cfg: Mapping,
+                           mode: str = 'train',
                            resume_arg: Optional[str] = None) -> None:
     """Check every local checkpoint a run of ``mode`` will read.
 
@@ -228,9 +222,7 @@ def check_checkpoint_paths(cfg: Mapping, mode: str = 'train',
 
 # ------------------------------------------------------ what a file is
 def _has_orepa_layers(state_dict: Mapping) -> bool:
-    return any(
-        isinstance(k, str) and k.rsplit('.', 1)[-1] in _OREPA_PARAMS
-        for k in state_dict)
+    return any(isinstance(k, str) and k.rsplit('.', 1)[-1] in _OREPA_PARAMS for k in state_dict)
 
 
 class CheckpointKind(NamedTuple):
@@ -265,15 +257,14 @@ def describe_checkpoint(checkpoint: Any) -> Optional[CheckpointKind]:
         return CheckpointKind(
             'converted', 'an orepa_mm backbone checkpoint already converted '
             f"from {meta['converted_from']}")
-    if 'message_hub' in checkpoint or 'mmengine_version' in meta or (
-            'epoch' in meta and 'iter' in meta):
-        of = ('an orepa_mm model' if _has_orepa_layers(state) else
-              'a model without OREPA layers')
+    if 'message_hub' in checkpoint or 'mmengine_version' in meta or ('epoch' in meta
+                                                                     and 'iter' in meta):
+        of = ('an orepa_mm model' if _has_orepa_layers(state) else 'a model without OREPA layers')
         progress = ', '.join(f'{k} {meta[k]}' for k in ('epoch', 'iter')
                              if isinstance(meta.get(k), int))
         return CheckpointKind(
-            'runner', f'an mmengine runner checkpoint of {of}' +
-            (f' ({progress})' if progress else ''))
+            'runner',
+            f'an mmengine runner checkpoint of {of}' + (f' ({progress})' if progress else ''))
     return None
 
 
@@ -289,9 +280,10 @@ def state_dict_mismatch(expected: Mapping, given: Mapping) -> Optional[str]:
     given = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in given.items()}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    wrong = [f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-             if k in given and hasattr(given[k], 'shape')
-             and tuple(given[k].shape) != tuple(v.shape)]
+    wrong = [
+        f'{k} {tuple(given[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+        if k in given and hasattr(given[k], 'shape') and tuple(given[k].shape) != tuple(v.shape)
+    ]
     parts = []
     if missing:
         parts.append(f"{len(missing)} of the model's keys are missing ({_listing(missing)})")

@@ -120,16 +120,16 @@ def _numpy_safe_globals() -> List[SafeGlobal]:
     """
     # numpy 2 keeps numpy.core only as a deprecated alias of numpy._core,
     # while numpy 1.26 ships a numpy._core stub without multiarray.
-    multiarray = import_module(
-        'numpy._core.multiarray' if int(np.__version__.split('.')[0]) >= 2
-        else 'numpy.core.multiarray')
+    multiarray = import_module('numpy._core.multiarray' if int(np.__version__.split('.')[0]) >=
+                               2 else 'numpy.core.multiarray')
     reconstruct, scalar = multiarray._reconstruct, multiarray.scalar
     dtype_classes = {
         type(np.dtype(code))
         for code in np.typecodes['AllInteger'] + np.typecodes['AllFloat'] + '?'
     }
     return [
-        np.ndarray, np.dtype,
+        np.ndarray,
+        np.dtype,
         (reconstruct, 'numpy.core.multiarray._reconstruct'),
         (reconstruct, 'numpy._core.multiarray._reconstruct'),
         (scalar, 'numpy.core.multiarray.scalar'),
@@ -187,21 +187,19 @@ def _runner_checkpoint_globals() -> Iterator[None]:
 _TORCH_REFUSALS = (
     (r'GLOBAL (\S+) was not an allowed global', 'the global {}'),
     (r'unsupported GLOBAL (\S+) whose module', 'the global {}'),
-    (r'reduce for unrecognized function (.+?)(?: which belongs to|\n|$)',
-     'a call to {}'),
+    (r'reduce for unrecognized function (.+?)(?: which belongs to|\n|$)', 'a call to {}'),
     (r'Can only create new object .*? but got (.+?)$', 'an instance of {}'),
     (r'Can only build .*? but got (.+?)$', 'an object of {}'),
 )
-
 
 # torch's wording when the bytes are not a torch.save stream it can parse at
 # all (a PNG, a plain pickle, a truncated or foreign file): it refused no
 # object, so the file is not called unsafe unless it names one (_raw_globals).
 _NOT_A_PICKLE = (r'Unsupported operand', r'invalid load key', r'magic number',
-                 r'pickle data was truncated', r'Ran out of input',
-                 r'unpickling stack underflow', r'could not find MARK', r'EOF')
-_STRING_OPS = ('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE',
-               'SHORT_BINSTRING', 'BINSTRING', 'STRING')
+                 r'pickle data was truncated', r'Ran out of input', r'unpickling stack underflow',
+                 r'could not find MARK', r'EOF')
+_STRING_OPS = ('SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE', 'SHORT_BINSTRING',
+               'BINSTRING', 'STRING')
 
 
 def _describe_refusal(message: str) -> str:
@@ -288,8 +286,7 @@ def load_from_local(filename: str, map_location: Any = None) -> Dict:
         with _runner_checkpoint_globals(), warnings.catch_warnings():
             # "Detected pickle protocol 4": torch's note on a plain pickle, not the user's.
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
-            return torch.load(
-                filename, map_location=map_location, weights_only=True)
+            return torch.load(filename, map_location=map_location, weights_only=True)
     except _RefusedGetattr as err:
         raise _refusal(filename, str(err)) from None
     except pickle.UnpicklingError as err:
@@ -299,7 +296,8 @@ def load_from_local(filename: str, map_location: Any = None) -> Dict:
         raise _refusal(filename, what) from None
 
 
-def read_checkpoint(path: str, what: str = 'checkpoint',
+def read_checkpoint(path: str,
+                    what: str = 'checkpoint',
                     fix: str = 'pass a checkpoint written by tools/train.py') -> Dict:
     """The checkpoint a tool was given, or an :class:`~orepa_mm.utils.errors.OrepaInputError`
     sentence: missing / a directory / unreadable, empty, truncated or not a PyTorch file,
@@ -332,9 +330,11 @@ def unwrap_state_dict(checkpoint: Any) -> Optional[Dict[str, torch.Tensor]]:
     return {re.sub(r'^module\.', '', k): v for k, v in state.items()}
 
 
-def checkpoint_weights(checkpoint: Mapping, path: str, what: str = 'checkpoint',
-                       fix: str = 'pass a checkpoint written by tools/train.py'
-                       ) -> Dict[str, torch.Tensor]:
+def checkpoint_weights(
+        checkpoint: Mapping,
+        path: str,
+        what: str = 'checkpoint',
+        fix: str = 'pass a checkpoint written by tools/train.py') -> Dict[str, torch.Tensor]:
     """:func:`unwrap_state_dict`, or one sentence when the checkpoint holds no weights."""
     state = unwrap_state_dict(checkpoint)
     if state is None:
@@ -343,8 +343,8 @@ def checkpoint_weights(checkpoint: Mapping, path: str, what: str = 'checkpoint',
     return state
 
 
-def select_weights(checkpoint: Mapping, path: str, use_ema: Optional[bool]
-                   ) -> Tuple[Dict[str, torch.Tensor], bool, str]:
+def select_weights(checkpoint: Mapping, path: str,
+                   use_ema: Optional[bool]) -> Tuple[Dict[str, torch.Tensor], bool, str]:
     """The weights to deploy, whether they are the EMA ones, and a line saying which.
 
     mmengine's ``EMAHook`` saves the averaged weights *under* ``state_dict`` and moves the raw
@@ -378,5 +378,4 @@ def register_safe_checkpoint_loader() -> None:
     (``''``, mmengine's catch-all for local paths) just overwrites it. Other
     schemes (``http://``, ``s3://``, ...) are left alone.
     """
-    CheckpointLoader.register_scheme(
-        prefixes='', loader=load_from_local, force=True)
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)

@@ -31,10 +31,9 @@ from .config_io import read_config
 from .errors import EXIT_BAD_INPUT, OrepaInputError, first_line
 
 __all__ = [
-    'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args',
-    'add_dump_results', 'build_runner', 'check_checkpoint_fits', 'check_checkpoints',
-    'check_work_dir', 'config_scope', 'load_config', 'parse_test_args', 'parse_train_args',
-    'check_test_outputs', 'train_splits'
+    'SCOPES', 'ToolError', 'apply_test_args', 'apply_train_args', 'add_dump_results',
+    'build_runner', 'check_checkpoint_fits', 'check_checkpoints', 'check_work_dir', 'config_scope',
+    'load_config', 'parse_test_args', 'parse_train_args', 'check_test_outputs', 'train_splits'
 ]
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
@@ -89,19 +88,16 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def _parse(parser: argparse.ArgumentParser,
-           argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
 
 
-def parse_train_args(
-        argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Arguments of ``tools/train.py`` (mmdet 3.3's, same names)."""
-    parser = argparse.ArgumentParser(
-        description='Train an mmdet, mmseg or mmpretrain model')
+    parser = argparse.ArgumentParser(description='Train an mmdet, mmseg or mmpretrain model')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
@@ -110,9 +106,7 @@ def parse_train_args(
         default=False,
         help='enable automatic-mixed-precision training (needs a GPU)')
     parser.add_argument(
-        '--auto-scale-lr',
-        action='store_true',
-        help='enable automatically scaling LR.')
+        '--auto-scale-lr', action='store_true', help='enable automatically scaling LR.')
     parser.add_argument(
         '--resume',
         nargs='?',
@@ -125,33 +119,28 @@ def parse_train_args(
     return _parse(parser, argv)
 
 
-def parse_test_args(
-        argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_test_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Arguments of ``tools/test.py`` (mmdet 3.3's, same names)."""
     parser = argparse.ArgumentParser(
         description='Test (and evaluate) an mmdet, mmseg or mmpretrain model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
-        '--work-dir',
-        help='the directory to save the file containing evaluation metrics')
+        '--work-dir', help='the directory to save the file containing evaluation metrics')
     parser.add_argument(
         '--out',
         type=str,
         help='mmdet/mmpretrain: dump predictions to this .pkl file for '
         'offline evaluation; mmseg: directory to save the predicted '
         'segmentation maps to')
-    parser.add_argument(
-        '--show', action='store_true', help='show prediction results')
+    parser.add_argument('--show', action='store_true', help='show prediction results')
     parser.add_argument(
         '--show-dir',
         help='directory where painted images will be saved (mmdet: under '
         'work_dir/timestamp/ when relative; mmseg: the visualizer save_dir; '
         'mmpretrain: as given)')
-    parser.add_argument(
-        '--wait-time', type=float, default=2, help='the interval of show (s)')
-    parser.add_argument(
-        '--tta', action='store_true', help='test time augmentation')
+    parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument('--tta', action='store_true', help='test time augmentation')
     _add_common_args(parser)
     return _parse(parser, argv)
 
@@ -173,8 +162,7 @@ def load_config(args: argparse.Namespace) -> Config:
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     check_work_dir(cfg)
     return cfg
 
@@ -205,16 +193,15 @@ def _merge_options(cfg: Config, options: dict, config: str) -> None:
     for key, value in options.items():
         old, found = _lookup(tree, key)
         if not found:
-            parent, parent_found = _lookup(tree, key.rpartition('.')[0]) if '.' in key else (
-                tree, True)
+            parent, parent_found = _lookup(tree,
+                                           key.rpartition('.')[0]) if '.' in key else (tree, True)
             if parent_found and not isinstance(parent, (Mapping, list, tuple)):
                 raise ToolError(f'--cfg-options {key}={value}: {key.rpartition(".")[0]} is '
                                 f'{_short(parent)} in {config}, not a dict, so it has no '
                                 f'{key.rpartition(".")[2]!r}; set it as a whole or check the '
                                 'key.')
             continue
-        wrong = ((isinstance(old, Number) and not isinstance(old, bool)
-                  and isinstance(value, str))
+        wrong = ((isinstance(old, Number) and not isinstance(old, bool) and isinstance(value, str))
                  or (isinstance(old, Mapping) and value is not None
                      and not isinstance(value, Mapping)))
         if wrong:
@@ -251,10 +238,9 @@ def config_scope(cfg: Config) -> str:
     """The library the config belongs to, from its ``default_scope``."""
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
-        raise ToolError(
-            f'Config {cfg.filename} has default_scope={scope!r}, but these '
-            f'tools only run configs whose default_scope is one of '
-            f'{", ".join(SCOPES)}.')
+        raise ToolError(f'Config {cfg.filename} has default_scope={scope!r}, but these '
+                        f'tools only run configs whose default_scope is one of '
+                        f'{", ".join(SCOPES)}.')
     return scope
 
 
@@ -264,9 +250,9 @@ def train_splits(cfg: Config) -> Sequence[str]:
 
 
 def _has_accelerator() -> bool:
-    from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available, is_npu_available)
-    return (is_cuda_available() or is_npu_available() or is_mlu_available()
-            or is_musa_available())
+    from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
+                                 is_npu_available)
+    return (is_cuda_available() or is_npu_available() or is_mlu_available() or is_musa_available())
 
 
 def _enable_amp(cfg: Config) -> None:
@@ -284,9 +270,8 @@ def _enable_amp(cfg: Config) -> None:
             level=logging.WARNING)
         return
     if optim_wrapper != 'OptimWrapper':
-        raise ToolError(
-            '--amp is only supported when the optimizer wrapper type is '
-            f'OptimWrapper, but the config uses {optim_wrapper}.')
+        raise ToolError('--amp is only supported when the optimizer wrapper type is '
+                        f'OptimWrapper, but the config uses {optim_wrapper}.')
     if not _has_accelerator():
         cfg.optim_wrapper.type = 'BF16OptimWrapper'
         return
@@ -304,9 +289,8 @@ def apply_train_args(cfg: Config, args: argparse.Namespace) -> Config:
         if 'enable' in scale_cfg and 'base_batch_size' in scale_cfg:
             cfg.auto_scale_lr.enable = True
         else:
-            raise ToolError(
-                '--auto-scale-lr needs auto_scale_lr=dict(enable=..., '
-                'base_batch_size=...) in the config.')
+            raise ToolError('--auto-scale-lr needs auto_scale_lr=dict(enable=..., '
+                            'base_batch_size=...) in the config.')
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -319,14 +303,12 @@ def apply_train_args(cfg: Config, args: argparse.Namespace) -> Config:
 def _visualization_hook(cfg: Config) -> ConfigDict:
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
-        raise ToolError(
-            '--show/--show-dir need a VisualizationHook in the config: add '
-            "default_hooks.visualization=dict(type='VisualizationHook').")
+        raise ToolError('--show/--show-dir need a VisualizationHook in the config: add '
+                        "default_hooks.visualization=dict(type='VisualizationHook').")
     return hook
 
 
-def _trigger_visualization(cfg: Config, args: argparse.Namespace,
-                           scope: str) -> None:
+def _trigger_visualization(cfg: Config, args: argparse.Namespace, scope: str) -> None:
     """Each library's own ``trigger_visualization_hook``.
 
     mmdet (DetVisualizationHook) saves to ``test_out_dir``, mmseg
@@ -358,10 +340,8 @@ def _flip_tta_pipeline(test_pipeline: list, pack: dict) -> list:
     tta_pipeline = deepcopy(test_pipeline)
     tta_pipeline[-1] = dict(
         type='TestTimeAug',
-        transforms=[[
-            dict(type='RandomFlip', prob=1.),
-            dict(type='RandomFlip', prob=0.)
-        ], [pack]])
+        transforms=[[dict(type='RandomFlip', prob=1.),
+                     dict(type='RandomFlip', prob=0.)], [pack]])
     return tta_pipeline
 
 
@@ -374,29 +354,25 @@ def _enable_tta(cfg: Config, scope: str) -> None:
         test_dataset = test_dataset['dataset']
     if scope == 'mmseg':
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-            raise ToolError(
-                '--tta with an mmseg config needs tta_model and tta_pipeline '
-                'in the config.')
+            raise ToolError('--tta with an mmseg config needs tta_model and tta_pipeline '
+                            'in the config.')
     elif scope == 'mmdet':
         if 'tta_model' not in cfg:
             cfg.tta_model = dict(
                 type='DetTTAModel',
-                tta_cfg=dict(
-                    nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+                tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
         if 'tta_pipeline' not in cfg:
             cfg.tta_pipeline = _flip_tta_pipeline(
                 test_dataset.pipeline,
                 dict(
                     type='PackDetInputs',
-                    meta_keys=('img_id', 'img_path', 'ori_shape',
-                               'img_shape', 'scale_factor', 'flip',
-                               'flip_direction')))
+                    meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor',
+                               'flip', 'flip_direction')))
     else:
         if 'tta_model' not in cfg:
             cfg.tta_model = dict(type='mmpretrain.AverageClsScoreTTA')
         if 'tta_pipeline' not in cfg:
-            cfg.tta_pipeline = _flip_tta_pipeline(test_dataset.pipeline,
-                                                  test_dataset.pipeline[-1])
+            cfg.tta_pipeline = _flip_tta_pipeline(test_dataset.pipeline, test_dataset.pipeline[-1])
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     # As the libraries do: the outermost test dataset gets the pipeline.
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
@@ -416,15 +392,14 @@ def apply_test_args(cfg: Config, args: argparse.Namespace) -> Config:
             cfg.test_evaluator['output_dir'] = args.out
             cfg.test_evaluator['keep_results'] = True
         elif not args.out.endswith(('.pkl', '.pickle')):
-            raise ToolError(
-                f'--out must name a .pkl file for {scope} configs, got '
-                f'{args.out!r}.')
+            raise ToolError(f'--out must name a .pkl file for {scope} configs, got '
+                            f'{args.out!r}.')
     return cfg
 
 
 def check_test_outputs(cfg: Config, out: Optional[str]) -> OutputSet:
-    """``--out`` as an :class:`~orepa_mm.utils.atomic_write.OutputSet`, checked before any work: a .pkl
-    file (mmdet, mmpretrain) or the folder of segmentation maps (mmseg)."""
+    """``--out`` as an :class:`~orepa_mm.utils.atomic_write.OutputSet`, checked before any
+    work: a .pkl file (mmdet, mmpretrain) or the folder of segmentation maps (mmseg)."""
     outputs = OutputSet('pass --out another path')
     if out is not None:
         kind = 'dir' if config_scope(cfg) == 'mmseg' else 'file'
@@ -456,8 +431,9 @@ def check_checkpoints(cfg: Config, mode: str, resume_arg: Optional[str] = None):
     if mode == 'train':
         for key, path, _ in iter_pretrained_checkpoints(cfg.get('model')):
             fix = f'point --cfg-options {key}=... at a backbone checkpoint'
-            checkpoint_weights(read_checkpoint(path, 'pretrained checkpoint', fix), path,
-                               'pretrained checkpoint', fix)
+            checkpoint_weights(
+                read_checkpoint(path, 'pretrained checkpoint', fix), path, 'pretrained checkpoint',
+                fix)
     return weights
 
 
@@ -469,8 +445,7 @@ def _inner_model_cfg(cfg: Config):
     return model
 
 
-def check_checkpoint_fits(cfg: Config, state: Mapping, checkpoint: str,
-                          config: str) -> None:
+def check_checkpoint_fits(cfg: Config, state: Mapping, checkpoint: str, config: str) -> None:
     """Refuse a checkpoint whose weights do not fit the config's model key for key and
     shape for shape (mmengine would load what matches, warn on stdout and test a model that
     is partly random: mAP 0.000, exit 0)."""

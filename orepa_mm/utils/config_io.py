@@ -26,7 +26,8 @@ def describe_exception(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {first_line(exc)}'
 
 
-def read_config(path: str, fix: str = 'pass the path of a config file (e.g. configs/...)',
+def read_config(path: str,
+                fix: str = 'pass the path of a config file (e.g. configs/...)',
                 require_model: bool = True) -> Config:
     """``Config.fromfile(path)`` (with a ``model`` dict unless ``require_model`` is False), or
     one sentence saying what is wrong."""

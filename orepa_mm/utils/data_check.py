@@ -33,9 +33,8 @@ class MissingDatasetError(OrepaInputError, FileNotFoundError):
 
     def __init__(self, path: str, split: str):
         self.path, self.split = path, split
-        super().__init__(
-            f'Dataset not found: expected {path} (for {split}); see {DATASETS_DOC} '
-            'to download and place it.')
+        super().__init__(f'Dataset not found: expected {path} (for {split}); see {DATASETS_DOC} '
+                         'to download and place it.')
 
 
 def _is_remote(path: str) -> bool:
@@ -106,9 +105,7 @@ def _expected_paths(ds_cfg: Mapping) -> Iterator[str]:
         yield data_root
 
 
-def iter_dataset_paths(
-        cfg: Mapping,
-        splits: Sequence[str] = SPLITS) -> Iterator[Tuple[str, str]]:
+def iter_dataset_paths(cfg: Mapping, splits: Sequence[str] = SPLITS) -> Iterator[Tuple[str, str]]:
     """Yield ``(split, path)`` for every local path the config's dataloaders
     of ``splits`` will read, skipping datasets without paths, datasets that
     download themselves and remote storage."""

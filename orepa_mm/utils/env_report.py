@@ -1,4 +1,4 @@
-"""One line describing the installed stack, for bug reports: ``python -m orepa_mm.utils.env_report``.
+"""The installed stack in one line, for bug reports: ``python -m orepa_mm.utils.env_report``.
 
 ``make install`` ends with it. It names what decides whether orepa_mm can work here: torch and
 the CUDA it was built for, whether mmcv has its compiled ops (and CUDA ops), the three
@@ -47,7 +47,8 @@ def environment_summary() -> str:
     parts: List[str] = [_torch(), _mmcv()]
     parts += [f'{name} {_version(name)}' for name in ('mmengine', 'mmdet', 'mmseg', 'mmpretrain')]
     orepa = _version('orepa_mm')
-    parts.append(f'orepa_mm {orepa}' + ('' if orepa.startswith('missing') else f', {_fused_loops()}'))
+    parts.append(f'orepa_mm {orepa}' +
+                 ('' if orepa.startswith('missing') else f', {_fused_loops()}'))
     return ' | '.join(parts)
 
 

@@ -22,8 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 __all__ = [
     'EXIT_ALREADY_DEPLOYED', 'EXIT_BAD_INPUT', 'EXIT_FAILED', 'EXIT_INTERRUPTED',
     'EXIT_VERIFICATION_FAILED', 'AlreadyDeployedError', 'OrepaInputError', 'ReparameterizeError',
-    'VerificationError', 'first_line',
-    'check_readable_file', 'refusals_as', 'run_tool'
+    'VerificationError', 'first_line', 'check_readable_file', 'refusals_as', 'run_tool'
 ]
 
 #: A bad input: config, checkpoint, dataset, flag or output location (argparse's code too).
@@ -120,8 +119,7 @@ def _say(message: str) -> None:
     print(f'error: {line}', file=sys.stderr, flush=True)
 
 
-def run_tool(main: Callable[[], Optional[int]],
-             refusals: Tuple[type, ...] = ()) -> int:
+def run_tool(main: Callable[[], Optional[int]], refusals: Tuple[type, ...] = ()) -> int:
     """Run a tool's body under the refusal policy and return its exit status.
 
     Args:

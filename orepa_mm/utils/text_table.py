@@ -16,8 +16,9 @@ def human_number(value: Optional[float]) -> str:
 def format_rows(rows: Sequence[Sequence[str]]) -> List[str]:
     """Left-aligned columns, two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-            for row in rows]
+    return [
+        '  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    ]
 
 
 def log_step(message: str, verbose: bool) -> None:

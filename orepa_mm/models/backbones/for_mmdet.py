@@ -6,11 +6,11 @@ from .orepa_vgg import OREPAVGG
 
 
 class OREPAResNet(OREPAResNetMixin, ResNet):
-    """mmdet's ``ResNet`` with OREPA convs (see :mod:`orepa_mm.models.backbones.orepa_resnet`)."""
+    """mmdet's ``ResNet`` with OREPA convs (:mod:`.orepa_resnet`)."""
 
 
 class OREPAResNetV1d(OREPAResNetMixin, ResNetV1d):
-    """mmdet's ``ResNetV1d`` with OREPA convs (see :mod:`orepa_mm.models.backbones.orepa_resnet`)."""
+    """mmdet's ``ResNetV1d`` with OREPA convs (:mod:`.orepa_resnet`)."""
 
 
 BACKBONES = {cls.__name__: cls for cls in (OREPAResNet, OREPAResNetV1d, OREPAVGG)}

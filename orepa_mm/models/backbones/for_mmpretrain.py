@@ -1,4 +1,4 @@
-"""orepa_mm backbones built on mmpretrain's own classes (imported only when mmpretrain is installed)."""
+"""orepa_mm backbones on mmpretrain's own classes (imported only when mmpretrain is installed)."""
 from mmpretrain.models.backbones import ResNet, ResNetV1c, ResNetV1d
 
 from .orepa_resnet import OREPAResNetMixin
@@ -6,15 +6,15 @@ from .orepa_vgg import OREPAVGG
 
 
 class OREPAResNet(OREPAResNetMixin, ResNet):
-    """mmpretrain's ``ResNet`` with OREPA convs (see :mod:`orepa_mm.models.backbones.orepa_resnet`)."""
+    """mmpretrain's ``ResNet`` with OREPA convs (:mod:`.orepa_resnet`)."""
 
 
 class OREPAResNetV1c(OREPAResNetMixin, ResNetV1c):
-    """mmpretrain's ``ResNetV1c`` with OREPA convs (see :mod:`orepa_mm.models.backbones.orepa_resnet`)."""
+    """mmpretrain's ``ResNetV1c`` with OREPA convs (:mod:`.orepa_resnet`)."""
 
 
 class OREPAResNetV1d(OREPAResNetMixin, ResNetV1d):
-    """mmpretrain's ``ResNetV1d`` with OREPA convs (see :mod:`orepa_mm.models.backbones.orepa_resnet`)."""
+    """mmpretrain's ``ResNetV1d`` with OREPA convs (:mod:`.orepa_resnet`)."""
 
 
 BACKBONES = {cls.__name__: cls for cls in (OREPAResNet, OREPAResNetV1c, OREPAResNetV1d, OREPAVGG)}

@@ -39,9 +39,16 @@ def _is_basic_block(block) -> bool:
 def _conv_like(conv: nn.Module, conv_cfg, bias=None) -> nn.Module:
     """A ``conv_cfg`` layer with ``conv``'s geometry (fresh weights)."""
     bias = conv.bias is not None if bias is None else bias
-    return build_conv_layer(conv_cfg, conv.in_channels, conv.out_channels, conv.kernel_size,
-                            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                            groups=conv.groups, bias=bias)
+    return build_conv_layer(
+        conv_cfg,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=bias)
 
 
 def _load_squeezed_kernel(module, state_dict, prefix, *args, conv_cfg=None):

@@ -51,8 +51,8 @@ class OREPAVGG(RepVGG):
     """
 
     def __init__(self, arch, *args, conv_cfg=dict(type='OREPAVGGConv'), deploy=False, **kwargs):
-        super().__init__(arch, *args, conv_cfg=None if deploy else conv_cfg, deploy=deploy,
-                         **kwargs)
+        super().__init__(
+            arch, *args, conv_cfg=None if deploy else conv_cfg, deploy=deploy, **kwargs)
 
     def switch_to_deploy(self):
         """Bake OREPA kernels, then fuse RepVGG's branches (idempotent); mmdeploy calls this."""
