@@ -58,11 +58,19 @@ def test_constraints_cap_what_drifts():
     assert {'setuptools<81', 'numpy<2', 'opencv-python<4.12'} <= pins
 
 
+def _pip_calls(script):
+    lines = (ROOT / 'tools' / script).read_text().splitlines()
+    return [line for line in lines if ' -m pip ' in line and not line.lstrip().startswith('#')]
+
+
 def test_no_pip_call_bypasses_run_pip():
-    """By construction: pip appears in the script only inside run_pip."""
-    script = (ROOT / 'tools' / 'install_deps.sh').read_text().splitlines()
-    calls = [line for line in script if ' -m pip ' in line and not line.lstrip().startswith('#')]
+    """By construction: pip appears only inside run_pip (tools/shell_lib.sh), which the install
+    scripts source."""
+    calls = _pip_calls('shell_lib.sh')
     assert len(calls) == 1 and '"$sub" -c "$CONSTRAINTS"' in calls[0], calls
+    for script in ('install_deps.sh', 'gpu_kit.sh'):
+        assert _pip_calls(script) == [], script
+        assert 'source "$ROOT/tools/shell_lib.sh"' in (ROOT / 'tools' / script).read_text()
 
 
 @pytest.mark.slow

@@ -70,16 +70,9 @@ TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
         --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 
-say() { printf '[gpu_kit %4ds] %s\n' "$SECONDS" "$*"; }
-run() {
-  if ((PLAN)); then printf '[plan] %s\n' "$*"; else "$@"; fi
-}
-run_pip() {
-  local sub=$1
-  shift
-  run "$PY" -m pip --disable-pip-version-check "$sub" -c "$CONSTRAINTS" "$@" \
-    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
-}
+SAY_TAG=gpu_kit
+# shellcheck source=tools/shell_lib.sh
+source "$ROOT/tools/shell_lib.sh"
 
 # Every wheel's needs (Requires-Dist for Python 3.12 on x86-64 Linux, no extras) must be in
 # the kit or on the machine; writes the kit's requirements.txt (name==version of each wheel).

@@ -36,22 +36,10 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 MMCV_VERSION=${MMCV_VERSION:-2.1.0}
 CACHE=${OREPA_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orepa_mm}
 
-# Each message carries the seconds since the start, so a slow step shows itself.
-say() { printf '[install %4ds] %s\n' "$SECONDS" "$*"; }
-have() { "$PY" -c "$1" >/dev/null 2>&1; }
-# Run a command, or under --plan only print it.
-run() {
-  if ((PLAN)); then printf '[plan] %s\n' "$*"; else "$@"; fi
-}
-# The one way this script calls pip: SUBCOMMAND (install, download, wheel) then its arguments,
-# always with the project's constraints. pip warns once per missing folder of a local
-# find-links index; those lines are noise.
-run_pip() {
-  local sub=$1
-  shift
-  run "$PY" -m pip --disable-pip-version-check "$sub" -c "$CONSTRAINTS" "$@" \
-    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
-}
+SAY_TAG=install
+# say, have, run (--plan) and run_pip: the one way this script calls pip.
+# shellcheck source=tools/shell_lib.sh
+source "$ROOT/tools/shell_lib.sh"
 
 # 1. Build tooling: mmcv 2.1.0's setup.py needs pkg_resources (setuptools < 81, capped by the
 #    constraints for every later install too), wheel and ninja.
