@@ -53,3 +53,20 @@ def test_registration_is_idempotent():
     before = MODELS.get('OREPAResNet')
     assert orepa_mm.register_all_modules() == ['mmdet', 'mmseg', 'mmpretrain']
     assert MODELS.get('OREPAResNet') is before
+
+
+def test_import_registers_and_loads_nothing_heavier():
+    """``import orepa_mm`` (what ``custom_imports`` runs) loads the method and its registration,
+    not the conversion APIs, the tools' helpers, ONNX or the Triton kernels (those load when
+    used: a CUDA tensor's kernel, a conversion, a tool)."""
+    code = textwrap.dedent('''
+        import sys
+        import orepa_mm
+        heavy = ('orepa_mm.apis', 'orepa_mm.utils.cli', 'orepa_mm.cnn.triton_kernels', 'onnx',
+                 'onnxruntime', 'mmdeploy')
+        print(sorted(name for name in heavy if name in sys.modules))
+    ''')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[]'

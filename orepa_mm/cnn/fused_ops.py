@@ -1,4 +1,6 @@
-"""The optional fused CPU loops of k x k kernel generation (``orepa_mm/csrc``).
+"""Where fused kernel generation comes from: the C++ loops for float32 on the CPU
+(``orepa_mm/csrc``) and the Triton ops for CUDA (:mod:`.triton_kernels`, imported on first use so
+that ``import orepa_mm`` stays light; :func:`triton_route`).
 
 ``make install`` compiles them into ``orepa_mm._kxk_kernel_ops``; without them (no compiler,
 another platform) orepa_mm uses the PyTorch reference path, which gives the same numbers.
@@ -10,7 +12,10 @@ calls them as external kernels. They are called only inside the k x k kernel fun
 forward and backward (:mod:`.kxk_kernel`, whose names their arguments share), which holds their
 autograd formulas.
 """
+import functools
 import importlib
+import importlib.util
+import os
 import warnings
 from types import ModuleType, SimpleNamespace
 from typing import Optional
@@ -62,8 +67,8 @@ def _register_fake_kernels():
         return torch.empty_like(origin, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake('orepa_mm::kxk_branch_backward')
-    def _branch_backward(grad, origin, origin_scale, pattern_matrices, patterns,
-                         pattern_scales, pointwise, depthwise, dws_scale, with_transposed):
+    def _branch_backward(grad, origin, origin_scale, pattern_matrices, patterns, pattern_scales,
+                         pointwise, depthwise, dws_scale, with_transposed):
         o, i, x = origin.shape
         nb = 0 if pattern_matrices is None else pattern_matrices.shape[0]
         e = 0 if pointwise is None else pointwise.shape[2]
@@ -71,8 +76,8 @@ def _register_fake_kernels():
         d_dw = new((i, e, x)) if e > 0 else new((0, ))
         g_t = new((o, x, i)) if with_transposed else new((0, ))
         dv_dws = new((o, )) if e > 0 else new((0, ))
-        return (new((o, i, x)), new((o, )), new((nb, o, i)), new((nb, o)), new((o, i, e)),
-                d_dw, dv_dws, g_t)
+        return (new((o, i, x)), new((o, )), new((nb, o, i)), new((nb, o)), new(
+            (o, i, e)), d_dw, dv_dws, g_t)
 
     @torch.library.register_fake('orepa_mm::kxk_taps_first_scaled')
     def _taps_first_scaled(expand_kxk, scale):
@@ -94,7 +99,6 @@ def _register_fake_kernels():
 #: ``t_major_scaled``, ``compose_backward``), or None when they were not built.
 KXK_KERNEL_OPS = _bind(_load())
 
-
 #: The loops keep one kernel row (k * k taps) and one depthwise expansion in registers.
 MAX_TAPS = 64
 
@@ -107,3 +111,29 @@ def fused_kxk_ops(reference: Tensor, groups: int, expand: int) -> Optional[Simpl
             or reference.dtype != torch.float32 or taps > MAX_TAPS or expand > MAX_TAPS):
         return None
     return KXK_KERNEL_OPS
+
+
+#: The CPU runs the Triton ops only under Triton's interpreter, and only when asked for: set
+#: both before the process starts (``TRITON_INTERPRET=1 OREPA_MM_TRITON_ON_CPU=1``) to run and
+#: count the CUDA implementation on a machine without a GPU.
+_TRITON_ON_CPU = (
+    os.environ.get('TRITON_INTERPRET') == '1' and os.environ.get('OREPA_MM_TRITON_ON_CPU') == '1')
+
+
+@functools.lru_cache(maxsize=None)
+def triton_ops() -> Optional[ModuleType]:
+    """:mod:`.triton_kernels` (imported, and its ops registered, on first use), or None
+    without ``triton``."""
+    if importlib.util.find_spec('triton') is None:
+        return None
+    return importlib.import_module('orepa_mm.cnn.triton_kernels')
+
+
+def triton_route(reference: Tensor) -> bool:
+    """Whether a layer whose kernel (or kernel gradient) is like ``reference`` takes the Triton
+    ops: float32 / float64 CUDA tensors when triton is installed; CPU tensors only under the
+    interpreter switch above."""
+    if reference.dtype not in (torch.float32, torch.float64):
+        return False
+    on = reference.device.type == 'cuda' or (_TRITON_ON_CPU and reference.device.type == 'cpu')
+    return on and triton_ops() is not None

@@ -36,7 +36,7 @@ against plain autograd on explicit feature-space branches (tests/test_orepa_conv
 gradients included.
 
 Three implementations, one formula: on CUDA (and on the CPU under Triton's interpreter with
-``OREPA_MM_TRITON_ON_CPU=1``, see :func:`.triton_kernels.triton_route`) each direction is one
+``OREPA_MM_TRITON_ON_CPU=1``, see :func:`.fused_ops.triton_route`) each direction is one
 fused Triton launch, ``orepa_mm::kxk_kernel`` / ``kxk_kernel_backward``; float32 on the CPU
 takes the fused C++ loops; anything else the PyTorch ops below, the reference.
 """
@@ -46,11 +46,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import triton_kernels
-from .fused_ops import fused_kxk_ops
+from .fused_ops import fused_kxk_ops, triton_ops, triton_route
 from .kernels import depthwise_pointwise_to_kernel
 from .precision import full_precision_backward, full_precision_forward
-from .triton_kernels import triton_route
 
 
 class KxKBranches(NamedTuple):
@@ -131,7 +129,7 @@ class OREPAKxKKernel(torch.autograd.Function):
         if triton_route(branches.origin):
             # The CUDA path: one fused launch (:mod:`.triton_kernels`); only inputs are saved.
             ctx.save_for_backward(*(getattr(branches, name) for name in _TENSOR_FIELDS), None)
-            return triton_kernels.kxk_kernel(*_triton_args(branches, groups))
+            return triton_ops().kxk_kernel(*_triton_args(branches, groups))
         terms = _terms(branches)
         ops = fused_kxk_ops(branches.origin, groups, _expand_ratio(branches))
         if ops is not None:
@@ -166,18 +164,20 @@ class OREPAKxKKernel(torch.autograd.Function):
 
 def _triton_args(branches: KxKBranches, groups: int) -> tuple:
     """The record as the Triton ops take it: the tensors, then the scale rows as ints."""
-    return (*(getattr(branches, name) for name in _TENSOR_FIELDS), list(branches.pattern_rows),
-            branches.expand_row or 0, branches.dws_row or 0, groups)
+    return (*(getattr(branches, name)
+              for name in _TENSOR_FIELDS), list(branches.pattern_rows), branches.expand_row
+            or 0, branches.dws_row or 0, groups)
 
 
 def _triton_backward(grad: Tensor, branches: KxKBranches, groups: int,
                      needs: Dict[str, bool]) -> Tuple[Optional[Tensor], ...]:
     """The wanted gradients of the record's fields in one fused launch (the CUDA path)."""
-    wanted = [needs[name] for name in triton_kernels.KXK_GRAD_NAMES]
+    wanted = [needs[name] for name in triton_ops().KXK_GRAD_NAMES]
     grads = dict(
-        zip(triton_kernels.KXK_GRAD_NAMES,
-            triton_kernels.kxk_kernel_backward(grad, *_triton_args(branches, groups)[:-1],
-                                               groups, wanted)))
+        zip(
+            triton_ops().KXK_GRAD_NAMES,
+            triton_ops().kxk_kernel_backward(grad,
+                                             *_triton_args(branches, groups)[:-1], groups, wanted)))
     return tuple(grads[name] if needs[name] and name in grads else None
                  for name in KxKBranches._fields)
 

@@ -10,7 +10,7 @@ comes from the already computed ``G W1^T``. The whole scale matrix goes in (not 
 branch), so that its gradient is one stacked tensor rather than autograd's sum of zero-padded
 ``select_backward`` rows. Like the k x k function (:mod:`.kxk_kernel`), it runs in the inputs'
 precision with autocast off in both directions and is traced as it is by torch.compile.
-On CUDA (see :func:`.triton_kernels.triton_route`) each direction is one fused Triton launch,
+On CUDA (see :func:`.fused_ops.triton_route`) each direction is one fused Triton launch,
 ``orepa_mm::pointwise_kernel`` / ``pointwise_kernel_backward``; the PyTorch ops below are the
 reference and the fallback.
 """
@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import triton_kernels
+from .fused_ops import triton_ops, triton_route
 from .precision import full_precision_backward, full_precision_forward
-from .triton_kernels import triton_route
 
 #: The inputs of :class:`OREPA1x1Kernel`, in order.
 _INPUTS = ('origin', 'branch_scales', 'linear_second', 'linear_first')
@@ -51,8 +50,8 @@ class OREPA1x1Kernel(torch.autograd.Function):
         if triton_route(origin):
             # The CUDA path: one fused launch (:mod:`.triton_kernels`).
             ctx.save_for_backward(origin, branch_scales, linear_second, linear_first)
-            return triton_kernels.pointwise_kernel(origin, branch_scales, linear_second,
-                                                   linear_first, 0, 1)
+            return triton_ops().pointwise_kernel(origin, branch_scales, linear_second, linear_first,
+                                                 0, 1)
         origin_scale, linear_scale = branch_scales[0], branch_scales[1]
         out = torch.mm(linear_second * linear_scale.view(-1, 1), linear_first)
         out.addcmul_(origin, origin_scale.view(-1, 1))
@@ -66,9 +65,9 @@ class OREPA1x1Kernel(torch.autograd.Function):
         origin, branch_scales, linear_second, linear_first = ctx.saved_tensors
         needs = dict(zip(_INPUTS, ctx.needs_input_grad))
         if triton_route(grad):
-            grads = triton_kernels.pointwise_kernel_backward(
-                grad, origin, branch_scales, linear_second, linear_first, 0, 1,
-                [needs[name] for name in _INPUTS])
+            grads = triton_ops().pointwise_kernel_backward(grad, origin, branch_scales,
+                                                           linear_second, linear_first, 0, 1,
+                                                           [needs[name] for name in _INPUTS])
             return tuple(g if needs[name] else None for name, g in zip(_INPUTS, grads))
         origin_scale, linear_scale = branch_scales[0], branch_scales[1]
         grads = {}
