@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo benchmark gpu-kit gpu-check clean
+.PHONY: install test test-fast demo benchmark gpu-kit gpu-check clean deploy-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,8 @@ gpu-kit: $(PY)   # where there is network: what the offline GPU machine lacks, i
 gpu-check:
 	PY=$(if $(wildcard $(PY)),$(PY),python3) bash tools/gpu_check.sh
 
+deploy-check:   # after make demo: its models through mmdeploy 1.3.1 and ONNX Runtime
+	PYTHON=$(PYTHON) bash tools/mmdeploy_check.sh
+
 clean:
-	rm -rf $(VENV) work_dirs data/demo build orepa_mm/_kxk_kernel_ops*.so
+	rm -rf $(VENV) .venv-mmdeploy work_dirs data/demo build orepa_mm/_kxk_kernel_ops*.so

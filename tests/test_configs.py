@@ -80,11 +80,15 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_every_shipped_config_is_listed_here():
+    """Every model config (configs/deploy/ holds mmdeploy's deploy configs, which
+    tests/test_mmdeploy_plan.py loads)."""
     shipped = {
         osp.relpath(p, CONFIG_DIR)[:-3]
         for p in glob.glob(osp.join(CONFIG_DIR, '**', '*.py'), recursive=True)
     }
-    assert shipped == set(ALL)
+    assert shipped - {
+        'deploy/detection_onnxruntime_dynamic', 'deploy/segmentation_onnxruntime_dynamic'
+    } == set(ALL)
 
 
 # -- resolving -------------------------------------------------------------------------------

@@ -12,8 +12,11 @@ TREES = ['orepa_mm', 'tools', 'tests', 'configs', 'setup.py']
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, '-m', *args],
+                          cwd=ROOT,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
 
 
 def test_flake8_is_clean():

@@ -66,7 +66,9 @@ def test_import_registers_and_loads_nothing_heavier():
                  'onnxruntime', 'mmdeploy')
         print(sorted(name for name in heavy if name in sys.modules))
     ''')
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, '-c', code],
+                            capture_output=True,
+                            text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == '[]'

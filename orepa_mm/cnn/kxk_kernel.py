@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from .fused_ops import fused_kxk_ops, triton_ops, triton_route
 from .kernels import depthwise_pointwise_to_kernel
-from .precision import full_precision_backward, full_precision_forward
+from .precision import full_precision_backward, full_precision_forward, is_compiling
 
 
 class KxKBranches(NamedTuple):
@@ -356,7 +356,7 @@ def _expand_grads(g3: Tensor, terms: _Terms, wanted: Dict[str, bool], g: int) ->
         # v[o] C2[o, t, x] with t first, (g, T_g, O_g * X): the product below then contracts
         # the contiguous axis of one operand and the outer axis of the other.
         t_first = kxk3.view(g, o_g, t_g, x).transpose(1, 2)
-        if torch.compiler.is_compiling():
+        if is_compiling():
             # Traced out= ops do not keep the buffer's strides (AOTAutograd then cannot view
             # the result): the functional form, which Inductor fuses anyway.
             scaled = (t_first * expand_scale.view(g, 1, o_g, 1)).reshape(g, t_g, o_g * x)

@@ -12,6 +12,24 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+# torch >= 2.3 / 2.4 spellings; mmdeploy's environment (torch 2.1, where a train-time model's
+# backbone.switch_to_deploy() runs) has only the older ones.
+if hasattr(torch.compiler, 'is_compiling'):
+    is_compiling = torch.compiler.is_compiling
+else:  # pragma: no cover - torch < 2.3
+
+    def is_compiling() -> bool:
+        return torch._dynamo.is_compiling()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, also where it takes no device (torch < 2.4)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4
+        return (torch.is_autocast_cpu_enabled()
+                if device_type == 'cpu' else torch.is_autocast_enabled())
+
 
 # -- precision of the kernel functions ---------------------------------------------------------
 def _reduced_to_fp32(value):
@@ -33,7 +51,7 @@ def _switch_autocast_off(device_type: str) -> bool:
     autocast is on; when traced always, because the traced backward is replayed in the
     autocast state of the joint graph's tracing (that of the compiled forward), not in the
     one that was current when Dynamo looked at it, so the region must be in the graph."""
-    return torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type)
+    return is_compiling() or autocast_enabled(device_type)
 
 
 def full_precision_forward(forward: Callable) -> Callable:
@@ -48,7 +66,7 @@ def full_precision_forward(forward: Callable) -> Callable:
         device_type = _device_type(args)
         if not _switch_autocast_off(device_type):
             return forward(ctx, *args)  # eager, autocast off: nothing to do
-        if torch.is_autocast_enabled(device_type):
+        if autocast_enabled(device_type):
             args = tuple(_reduced_to_fp32(a) for a in args)
         with torch.autocast(device_type, enabled=False):
             return forward(ctx, *args)

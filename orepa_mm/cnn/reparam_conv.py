@@ -37,6 +37,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from .precision import is_compiling
 from .writable_kernel import WritableKernel
 
 
@@ -194,7 +195,7 @@ class ReparamConv2d(BaseModule):
         that its kernel equals the written value exactly (:meth:`load_kernel`). See
         :mod:`orepa_mm.cnn.writable_kernel`.
         """
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return self.kernel()
         kernel = self._sourced_kernel()
         # A supplied kernel (a cache entry, OREPA-DDP's proxy) is handed out as a copy: a

@@ -88,6 +88,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..cnn.precision import is_compiling
 from ..cnn.reparam_conv import ReparamConv2d
 from .cpu_distributed import CPUDistributedDataParallel
 
@@ -447,7 +448,7 @@ class _KernelGradReducer:
         entry = round_.proxies.get(idx)
         if entry is not None and entry.versions == versions:
             return entry.proxy
-        if torch.compiler.is_compiling():
+        if is_compiling():
             raise RuntimeError(f'{NAME}: kernel proxies cannot be traced by torch.compile '
                                '(the wrapper runs its forward eagerly; do not compile the '
                                're-param layers on their own).')

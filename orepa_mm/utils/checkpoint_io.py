@@ -376,6 +376,10 @@ def register_safe_checkpoint_loader() -> None:
 
     Idempotent: re-registering the same function under the same prefix
     (``''``, mmengine's catch-all for local paths) just overwrites it. Other
-    schemes (``http://``, ``s3://``, ...) are left alone.
+    schemes (``http://``, ``s3://``, ...) are left alone. A torch without an
+    allow-list (before 2.4: mmdeploy's environment) keeps mmengine's own loader,
+    whose ``torch.load`` there reads runner checkpoints as it always did.
     """
+    if not hasattr(torch.serialization, 'safe_globals'):  # pragma: no cover - torch < 2.4
+        return
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
