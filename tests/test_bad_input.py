@@ -287,7 +287,11 @@ def save(*args, **kwargs):
     time.sleep(30)
 torch.save = save
 '''
-_SIGINT_WRITING_THE_CONFIG = _SIGTERM_WRITING_THE_CONFIG.replace('SIGTERM', 'SIGINT')
+# A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+# the subprocess gets the handler a terminal gives it, whatever started the suite.
+_SIGINT_WRITING_THE_CONFIG = (
+    'import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)' +
+    _SIGTERM_WRITING_THE_CONFIG.replace('SIGTERM', 'SIGINT'))
 
 SAFETY = ('refused for safety', )
 CORRUPT = ('not a PyTorch checkpoint', )
