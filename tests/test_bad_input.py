@@ -104,6 +104,12 @@ def world(tmp_path_factory):
     torch.save(dict(meta=dict(epoch=1)), w / 'no_state_dict.pth')
     torch.save(dict(state_dict={'backbone.conv.weight': torch.zeros(3)}), w / 'other_model.pth')
     torch.save(dict(state_dict=_build(w / 'toy3.py').state_dict()), w / 'other_shapes.pth')
+    # DDP's prefix twice: mmengine strips one, so nothing would load.
+    torch.save(
+        dict(state_dict={
+            f'module.module.{k}': v
+            for k, v in model.state_dict().items()
+        }), w / 'ddp_twice.pth')
     torch.save(dict(state_dict={}, meta=RunsShell(w / 'pickled_code_ran')), w / 'evil.pth')
     (w / 'evil_raw.pkl').write_bytes(pickle.dumps(RunsShell(w / 'pickled_code_ran')))
     for name, checkpoint in (('deploy_evil', 'evil.pth'), ('deploy_image', 'image.pth')):
@@ -360,6 +366,8 @@ ROWS = [
          'backbone.conv.weight', 'pass the checkpoint tools/train.py wrote')),
     Row('test-checkpoint-other-shapes', 'test', ['{W}/toy.py', '{W}/other_shapes.pth'],
         ('does not fit', 'other shapes', 'head.fc.weight')),
+    Row('test-checkpoint-ddp-prefix-twice', 'test', ['{W}/toy.py', '{W}/ddp_twice.pth'],
+        ('does not fit', 'missing', 'unexpected', 'module.backbone.')),
     Row('test-out-unwritable', 'test',
         ['{W}/toy.py', '{W}/epoch_1.pth', '--work-dir', '{T}/work', '--out', '/proc/x/p.pkl'],
         ('/proc/x/p.pkl', 'not writable')),

@@ -2,6 +2,7 @@
 mmdeploy calls ``backbone.switch_to_deploy()`` on a train-time model): the older spellings are
 used where the newer ones are missing. Checked here by taking the newer ones away."""
 import importlib
+import importlib.util
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -51,3 +52,30 @@ def test_mmengine_loader_stays_where_torch_has_no_allow_list(monkeypatch):
     finally:
         checkpoint_io.register_safe_checkpoint_loader()
     assert CheckpointLoader._schemes[''] is checkpoint_io.load_from_local
+
+
+def test_a_triton_too_old_for_the_kernels_leaves_the_pytorch_path(monkeypatch):
+    """CUDA layers fall back to PyTorch ops (one warning) when the Triton kernels cannot load,
+    e.g. the triton 2.1 of mmdeploy's torch 2.1 (no ``triton.knobs``, no ``custom_op``)."""
+    import warnings
+
+    from orepa_mm.cnn import fused_ops
+    real_import = importlib.import_module
+
+    def old_triton(name, *args):
+        if name == 'orepa_mm.cnn.triton_kernels':
+            raise AttributeError("module 'triton' has no attribute 'knobs'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, 'import_module', old_triton)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: object()
+                        if name == 'triton' else real_find_spec(name, *a))
+    fused_ops.triton_ops.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            assert fused_ops.triton_ops() is None
+        assert len(caught) == 1 and 'PyTorch ops' in str(caught[0].message)
+    finally:
+        fused_ops.triton_ops.cache_clear()

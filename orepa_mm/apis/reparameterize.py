@@ -278,12 +278,12 @@ def reparameterize_checkpoint(config: str,
         input_size: (H, W) of the verification input; default: the config's test size.
         rtol: largest relative error of the conversion, any output compared in float64 (the
             written float32 weights are gated at ARTEFACT_RTOL, outputs that cannot run in
-            float64 at FLOAT32_RTOL, onnxruntime at ONNX_RTOL).
+            float64 at FLOAT32_RTOL, onnxruntime at ONNX_RTOL: :mod:`.deploy_gate`).
         export_onnx: also export backbone (+ neck) to ONNX and check it with onnxruntime.
         verbose: log the steps, the progress bar and the comparison.
 
     Raises:
-        ReparameterizeError: bad input (``exit_code`` 1); :class:`AlreadyDeployedError` (3);
+        ReparameterizeError: bad input (``exit_code`` 2); :class:`AlreadyDeployedError` (3);
             :class:`VerificationError` (4). Nothing is written in any of these cases.
     """
     _check_args(device, input_size, rtol)

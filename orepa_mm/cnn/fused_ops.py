@@ -126,7 +126,12 @@ def triton_ops() -> Optional[ModuleType]:
     without ``triton``."""
     if importlib.util.find_spec('triton') is None:
         return None
-    return importlib.import_module('orepa_mm.cnn.triton_kernels')
+    try:
+        return importlib.import_module('orepa_mm.cnn.triton_kernels')
+    except (ImportError, AttributeError) as exc:  # a triton or torch too old for the kernels
+        warnings.warn(f'orepa_mm: the Triton kernels cannot load ({type(exc).__name__}: {exc}); '
+                      'CUDA layers generate their kernels with PyTorch ops.')
+        return None
 
 
 def triton_route(reference: Tensor) -> bool:

@@ -274,10 +274,11 @@ def _listing(keys, limit: int = 3) -> str:
 
 
 def state_dict_mismatch(expected: Mapping, given: Mapping) -> Optional[str]:
-    """How ``given`` (a state dict, ``module.`` prefixes allowed) fails to fit a model whose
-    state dict is ``expected``, key for key and shape for shape, in a few words; None if it
-    fits. (mmengine loads what matches and only warns; torch's message lists every key.)"""
-    given = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in given.items()}
+    """How ``given`` fails to fit a model whose state dict is ``expected``, key for key and
+    shape for shape, in a few words; None if it fits. ``given`` is read as mmengine will load
+    it: :func:`~.checkpoint_io.unwrap_state_dict` has stripped one DDP ``module.`` prefix, as
+    ``load_checkpoint`` does, and a second one is a mismatch, as it is for mmengine.
+    (mmengine loads what matches and only warns; torch's message lists every key.)"""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     wrong = [
